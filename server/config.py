@@ -1,0 +1,63 @@
+"""Server settings: command-line flags and FASB_* environment variables, one object passed around."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FASB_", extra="ignore", protected_namespaces=())
+
+    # model
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a folder, or a hub id")
+    served_model_name: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache_dir: str | None = Field(None, description="where converted weights are cached (default ~/.cache/fasb-server)")
+    max_model_len: int | None = Field(None, ge=16, description="context limit; default: the model's")
+
+    # http
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # scheduling
+    max_batch_size: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=1, description="requests waiting or running before new ones get 429")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+
+    # steering (None: the artifact's manifest decides)
+    artifacts: list[str] = Field(default_factory=list, description="extra artifact folders to load")
+    no_default_artifacts: bool = Field(False, description="do not load the prebuilt artifacts for the model")
+    default_behavior: str | None = None
+    steering_mode: Literal["off", "monitor", "always", "fasb"] = "fasb"
+    alpha: float | None = Field(None, ge=0)
+    threshold: float | None = Field(None, ge=0, le=1)
+    backtrack_tokens: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    adaptive: bool | None = None
+    max_backtracks: int | None = Field(None, ge=0)
+
+    log_level: str = "info"
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Flags override FASB_* environment variables, which override the defaults."""
+    parser = argparse.ArgumentParser(prog="fasb-server", description="OpenAI-compatible server with FASB steering")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=field.description)
+        elif name == "artifacts":
+            parser.add_argument("--artifact", dest=name, action="append", default=None, help=field.description)
+        elif name == "cors_origins":
+            parser.add_argument("--cors-origin", dest=name, action="append", default=None)
+        else:
+            parser.add_argument(flag, default=None, help=field.description)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return Settings(**given)

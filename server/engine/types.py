@@ -1,0 +1,109 @@
+"""Plain value types shared by the engine and the HTTP layer.
+
+The HTTP layer converts pydantic requests into these and turns the events back into OpenAI
+chunks; nothing here imports torch or FastAPI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+SteeringMode = Literal["off", "monitor", "always", "fasb"]
+StreamMode = Literal["retract", "hold"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: up to the context limit
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class SteeringParams:
+    """What a request asked for; None fields fall back to server / artifact defaults."""
+
+    mode: SteeringMode | None = None
+    behavior: str | None = None
+    alpha: float | None = None
+    threshold: float | None = None
+    backtrack_tokens: int | None = None
+    num_heads: int | None = None
+    adaptive: bool | None = None
+    max_backtracks: int | None = None
+    stream_mode: StreamMode | None = None
+    return_scores: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    # None: the request carried no `steering` object (server defaults apply, stream_mode "hold").
+    steering: SteeringParams | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top: list[tuple[str, float, list[int] | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text to append to what the client has shown."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Retraction:
+    """Delete `text` (an exact suffix of everything sent so far) from the client's view."""
+
+    text: str
+    tokens: int  # generated tokens thrown away
+    token_index: int  # tokens generated when the check fired
+    probe_score: float
+    strength: float
+
+
+@dataclass(frozen=True)
+class Backtrack:
+    token_index: int
+    tokens_retracted: int
+    probe_score: float
+    strength: float
+
+
+@dataclass(frozen=True)
+class SteeringReport:
+    mode: SteeringMode
+    behavior: str | None
+    intervened: bool
+    backtracks: list[Backtrack]
+    scores: list[float] | None = None  # per final token, with return_scores
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int  # tokens in the final answer
+    discarded_tokens: int  # tokens generated and thrown away by backtracking
+    steering: SteeringReport | None
+
+
+EngineEvent = Union[TextDelta, Retraction, Finished]
