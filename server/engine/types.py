@@ -74,7 +74,8 @@ class Retraction:
     """Delete `text` (an exact suffix of everything sent so far) from the client's view."""
 
     text: str
-    tokens: int  # generated tokens thrown away
+    tokens: int  # generated tokens thrown away (the client-facing `retract_tokens`)
+    sent_tokens: int  # how many of the token ids already sent in TextDeltas the text covers
     token_index: int  # tokens generated when the check fired
     probe_score: float
     strength: float
@@ -104,6 +105,19 @@ class Finished:
     completion_tokens: int  # tokens in the final answer
     discarded_tokens: int  # tokens generated and thrown away by backtracking
     steering: SteeringReport | None
+
+
+@dataclass(frozen=True)
+class BehaviorInfo:
+    """A loaded steering artifact, as listed in /v1/models and at start."""
+
+    name: str
+    num_heads: int
+    prompt_format: str
+    alpha: float
+    threshold: float
+    backtrack_tokens: int
+    val_accuracy: float | None = None
 
 
 EngineEvent = Union[TextDelta, Retraction, Finished]
