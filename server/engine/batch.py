@@ -1,0 +1,155 @@
+"""The running batch: rows, their shared KV cache, and the per-row tensors a step needs.
+
+Per-row tensors (sampling parameters, steering vectors, probe head weights) change only when a
+row joins, leaves or backtracks, so they are rebuilt then (`_dirty`), never per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.decode import decode_step
+from server.engine.detokenizer import token_bytes, token_text
+from server.engine.kv_cache import BatchKVCache
+from server.engine.sampling import SamplingTensors, compute_logprobs, sample
+from server.engine.sequence import Phase, Sequence
+from server.engine.types import TokenLogprob
+from server.steering.bank import BehaviorBank, head_weights
+from server.steering.taps import HeadTaps
+
+# Squeeze holes (left padding, backtracked columns) out of the cache once it is this much wider
+# than the longest row needs.
+_COMPACT_SLACK = 64
+
+
+class Batch:
+    def __init__(self, model, tokenizer, taps: HeadTaps | None, banks: dict[str, BehaviorBank]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.taps = taps
+        self.banks = banks
+        self.rows: list[Sequence] = []
+        self.cache = BatchKVCache(model.device)
+        self._dirty = True
+        self._sampling: SamplingTensors | None = None
+        self._probe_weights: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, seq: Sequence, row_cache) -> None:
+        columns, shift = self.cache.add_row(row_cache, seq.prefilled)
+        if shift:
+            for row in self.rows:
+                row.cols = [c + shift for c in row.cols]
+        seq.cols = columns
+        seq.phase = Phase.DECODE
+        self.rows.append(seq)
+        self._dirty = True
+
+    def remove_finished(self) -> list[Sequence]:
+        done = [r for r in self.rows if r.phase is Phase.DONE or r.cancelled]
+        if done:
+            keep = [i for i, r in enumerate(self.rows) if not (r.phase is Phase.DONE or r.cancelled)]
+            self.cache.remove_rows(keep)
+            self.rows = [self.rows[i] for i in keep]
+            self._dirty = True
+            self._maybe_compact()
+        return done
+
+    def step(self) -> None:
+        """Decode one token for every row, then let each row apply it (accept, check, backtrack)."""
+        if self._dirty:
+            self._rebuild()
+        device = self.model.device
+        input_ids = torch.tensor([r.next_input for r in self.rows], device=device)
+        positions = torch.tensor([r.next_pos for r in self.rows], device=device)
+        column = self.cache.width  # the column this step writes
+        logits = decode_step(self.model, self.cache, input_ids, positions)
+        scores = self._probe_scores()
+        tokens = sample(logits, self._sampling, [r.generator for r in self.rows])
+        logprobs = self._logprobs(logits, tokens)
+        # One device->host transfer for everything the per-row decisions need.
+        tokens_cpu = tokens.tolist()
+        scores_cpu = scores.tolist() if scores is not None else [None] * len(self.rows)
+        backtracked = False
+        for b, row in enumerate(self.rows):
+            strength = row.strength
+            row.advance(column, scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
+            if row.dropped_cols:
+                self.cache.invalidate(b, row.dropped_cols)
+                row.dropped_cols = []
+                backtracked = True
+            if row.strength != strength:
+                self._dirty = True
+        if backtracked:
+            self._maybe_compact()
+
+    def _rebuild(self) -> None:
+        self._sampling = SamplingTensors.from_params([r.request.sampling for r in self.rows], self.model.device)
+        if self.taps is not None:
+            self.taps.steer = self._steering_vectors()
+            self.taps.capture = any(r.scoring for r in self.rows)
+            self._probe_weights = self._monitor_weights()
+        self._dirty = False
+
+    def _steering_vectors(self) -> dict[int, torch.Tensor] | None:
+        """{layer: [B, hidden]}: row b's strength times its behaviour's vector (zero if unsteered)."""
+        if not any(r.strength for r in self.rows):
+            return None
+        per_row = []
+        for row in self.rows:
+            if row.strength:
+                bank = self.banks[row.steering.behavior]
+                per_row.append(bank.unit_vectors(row.steering.num_heads) * row.strength)
+            else:
+                per_row.append(None)
+        template = next(v for v in per_row if v is not None)
+        stacked = torch.stack([v if v is not None else torch.zeros_like(template) for v in per_row], dim=1)
+        return {layer: stacked[slot] for slot, layer in enumerate(self.taps.layers)}  # [B, hidden] each
+
+    def _monitor_weights(self) -> dict[str, torch.Tensor]:
+        """{behaviour: [B, K]} averaging each scoring row's top-n heads; zero rows elsewhere."""
+        weights: dict[str, torch.Tensor] = {}
+        for name, bank in self.banks.items():
+            rows = [r.steering.num_heads if r.scoring and r.steering.behavior == name else 0 for r in self.rows]
+            if any(rows):
+                zero = torch.zeros(bank.num_heads, device=self.model.device)
+                weights[name] = torch.stack([head_weights(n, bank.num_heads, zero.device) if n else zero for n in rows])
+        return weights
+
+    def _probe_scores(self) -> torch.Tensor | None:
+        """[B] mean P(desired) over each scoring row's heads, at the position just fed."""
+        if not self._probe_weights:
+            return None
+        captured = self.taps.captured()
+        total = None
+        for name, weights in self._probe_weights.items():
+            part = (self.banks[name].head_probabilities(captured) * weights).sum(-1)
+            total = part if total is None else total + part
+        return total
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        wanted = [r.request.sampling.top_logprobs if r.wants_logprobs else -1 for r in self.rows]
+        if max(wanted) < 0:
+            return [None] * len(self.rows)
+        chosen, top_values, top_ids = compute_logprobs(logits, tokens, max(max(wanted), 0))
+        chosen, top_values, top_ids, ids = chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist()
+        out: list[TokenLogprob | None] = []
+        for b, n in enumerate(wanted):
+            if n < 0:
+                out.append(None)
+                continue
+            top = [self._entry(t, v) for t, v in zip(top_ids[b][:n], top_values[b][:n])]
+            text, logprob, raw = self._entry(ids[b], chosen[b])
+            out.append(TokenLogprob(text, logprob, raw, top))
+        return out
+
+    def _entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int] | None]:
+        return token_text(self.tokenizer, token_id), logprob, token_bytes(self.tokenizer, token_id)
+
+    def _maybe_compact(self) -> None:
+        longest = max((len(r.cols) for r in self.rows), default=0)
+        if self.rows and self.cache.width > longest + _COMPACT_SLACK:
+            for row, cols in zip(self.rows, self.cache.compact([r.cols for r in self.rows])):
+                row.cols = cols

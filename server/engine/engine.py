@@ -1,0 +1,265 @@
+"""The engine: owns the model, its steering artifacts and the worker thread that decodes.
+
+The HTTP layer talks to it through `submit()` (validates and enqueues synchronously, so errors
+become 4xx before any byte is streamed) and the returned `GenerationStream` of engine events.
+Decoding never runs on the event loop: the worker thread pushes events into each request's
+asyncio queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from server.config import Settings
+from server.engine.batch import Batch
+from server.engine.loader import LoadedModel, load_model
+from server.engine.output import TextOutput
+from server.engine.scheduler import RequestQueue, Scheduler
+from server.engine.sequence import Sequence
+from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest
+from server.errors import EngineNotReadyError, InvalidRequestError
+from server.metrics import Metrics
+from server.steering.artifact import SteeringArtifact, check_compatible, find_default_artifacts, load_artifact
+from server.steering.bank import BehaviorBank
+from server.steering.layers import attention_output_projections
+from server.steering.policy import BehaviorDefaults, ServerSteeringDefaults, resolve_steering
+from server.steering.taps import HeadTaps
+
+log = logging.getLogger(__name__)
+
+
+class GenerationStream:
+    """Async iterator over one request's events; `cancel()` stops its generation."""
+
+    def __init__(self, seq_holder: dict, queue: asyncio.Queue, wake):
+        self._holder = seq_holder
+        self._queue = queue
+        self._wake = wake
+        self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, Exception):
+            self._done = True
+            raise event
+        if isinstance(event, Finished):
+            self._done = True
+        return event
+
+    def cancel(self) -> None:
+        seq = self._holder.get("seq")
+        if seq is not None and not self._done:
+            seq.cancelled = True
+            self._wake()
+        self._done = True
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.ready = False
+        self.model_name = settings.served_model_name or settings.model
+        self.max_model_len = 0
+        self._loaded: LoadedModel | None = None
+        self._banks: dict[str, BehaviorBank] = {}
+        self._behavior_defaults: dict[str, BehaviorDefaults] = {}
+        self._taps: HeadTaps | None = None
+        self._queue = RequestQueue(settings.max_queue)
+        self._worker: threading.Thread | None = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._steering_defaults = ServerSteeringDefaults(
+            mode=settings.steering_mode,
+            behavior=settings.default_behavior,
+            alpha=settings.alpha,
+            threshold=settings.threshold,
+            backtrack_tokens=settings.backtrack_tokens,
+            num_heads=settings.num_heads,
+            adaptive=settings.adaptive,
+            max_backtracks=settings.max_backtracks,
+        )
+
+    # -- lifecycle
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.load)
+
+    def load(self) -> None:
+        """Load the model and artifacts and start the worker (blocking)."""
+        s = self.settings
+        loaded = load_model(s.model, s.device, s.dtype, s.cache_dir, s.max_model_len)
+        self._loaded = loaded
+        self.max_model_len = loaded.max_model_len
+        if s.served_model_name is None:
+            self.model_name = loaded.model_id
+        self._eos_ids = _eos_token_ids(loaded)
+        self._load_artifacts(loaded)
+        batch = Batch(loaded.model, loaded.tokenizer, self._taps, self._banks)
+        scheduler = Scheduler(batch, self._queue, s.max_batch_size, on_step=self._report_queue)
+        self._worker = threading.Thread(target=scheduler.run, name="fasb-decode", daemon=True)
+        self._worker.start()
+        self.ready = True
+        log.info(
+            "model %s ready on %s (%s), context %d, behaviours: %s",
+            self.model_name, loaded.device, str(loaded.dtype).removeprefix("torch."), self.max_model_len,
+            ", ".join(self._banks) or "none",
+        )
+
+    async def stop(self) -> None:
+        self._queue.close()
+        if self._worker is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._worker.join, 10)
+        if self._taps is not None:
+            self._taps.remove()
+        self.ready = False
+
+    def _load_artifacts(self, loaded: LoadedModel) -> None:
+        s = self.settings
+        folders = [] if s.no_default_artifacts else find_default_artifacts(loaded.model_id)
+        folders += [Path(p) for p in s.artifacts]
+        artifacts: list[SteeringArtifact] = []
+        for folder in folders:
+            artifact = load_artifact(folder)
+            check_compatible(artifact, loaded.model)  # refuses a mismatch with what differs
+            artifacts.append(artifact)
+        if not artifacts:
+            return
+        o_projs = attention_output_projections(loaded.model)
+        layers = sorted({int(l) for a in artifacts for l in a.layers.tolist()})
+        self._taps = HeadTaps(o_projs, layers).install()
+        for artifact in artifacts:
+            self._banks[artifact.behavior] = BehaviorBank(artifact, o_projs, layers)
+            self._behavior_defaults[artifact.behavior] = BehaviorDefaults(
+                artifact.alpha, artifact.threshold, artifact.backtrack_tokens, artifact.num_heads
+            )
+        if s.default_behavior and s.default_behavior not in self._banks:
+            raise ValueError(f"--default-behavior {s.default_behavior!r} is not among {sorted(self._banks)}")
+
+    # -- queries
+    def behaviors(self) -> list[BehaviorInfo]:
+        return [
+            BehaviorInfo(
+                name=name,
+                num_heads=bank.num_heads,
+                prompt_format=bank.artifact.prompt_format,
+                alpha=bank.artifact.alpha,
+                threshold=bank.artifact.threshold,
+                backtrack_tokens=bank.artifact.backtrack_tokens,
+                val_accuracy=float(bank.artifact.val_accuracy.mean()),
+            )
+            for name, bank in self._banks.items()
+        ]
+
+    def stats(self) -> dict[str, int]:
+        return self._queue.stats()
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self._require_ready().tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # template errors (e.g. role order) are the request's fault
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        loaded = self._require_ready()
+        if isinstance(prompt, str):
+            return loaded.tokenizer(prompt, add_special_tokens=True).input_ids
+        vocab = loaded.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    # -- generation
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        loaded = self._require_ready()
+        max_tokens = self._max_tokens(request)
+        steering = resolve_steering(request.steering, self._steering_defaults, self._behavior_defaults)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        holder: dict = {}
+        emit = self._emitter(loop, events, request)
+        seq = Sequence(
+            request=request,
+            steering=steering,
+            max_tokens=max_tokens,
+            eos_ids=self._eos_ids,
+            output=TextOutput(loaded.tokenizer, request.prompt_token_ids, request.sampling.stop, emit),
+            emit=emit,
+            generator=self._generator(request.sampling.seed),
+        )
+        holder["seq"] = seq
+        self._queue.put(seq)  # may raise QueueFullError
+        self._report_queue()
+        return GenerationStream(holder, events, self._queue.wake)
+
+    def _max_tokens(self, request: GenerationRequest) -> int:
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        asked = request.sampling.max_tokens
+        if asked is not None and asked > room:
+            raise InvalidRequestError(
+                f"max_tokens is {asked}, but only {room} tokens fit after the {prompt_len}-token prompt "
+                f"in this model's {self.max_model_len}-token context",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return asked if asked is not None else min(self.settings.default_max_tokens, room)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = torch.Generator(device=self._loaded.device)
+        gen.manual_seed(seed)
+        return gen
+
+    def _emitter(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, request: GenerationRequest):
+        def emit(event) -> None:  # called on the worker thread
+            if isinstance(event, Finished):
+                self._observe_finished(event)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        return emit
+
+    def _observe_finished(self, event: Finished) -> None:
+        m = self.metrics
+        m.observe_tokens(event.prompt_tokens, event.completion_tokens + event.discarded_tokens, event.discarded_tokens)
+        if event.steering is not None:
+            for backtrack in event.steering.backtracks:
+                m.observe_backtrack(backtrack.tokens_retracted)
+
+    def _report_queue(self) -> None:
+        stats = self._queue.stats()
+        self.metrics.set_queue(stats["waiting"], stats["running"])
+
+    def _require_ready(self) -> LoadedModel:
+        if not self.ready or self._loaded is None:
+            raise EngineNotReadyError()
+        return self._loaded
+
+
+def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(int(i) for i in ids if i is not None)

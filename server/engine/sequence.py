@@ -1,0 +1,194 @@
+"""One request's decoding state and its per-token FASB decisions.
+
+Position bookkeeping: `cols[i]` is the batch-cache column holding position i of prompt+generated,
+for every position already in the cache; `next_input` is the token the next forward pass feeds at
+position `next_pos == len(cols)`. Normally that is the newest generated token; after a backtrack it
+is the last kept token (or the last prompt token), re-fed so the next token comes from a steered
+forward pass (DESIGN.md §2 step 3).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from server.engine.output import TextOutput
+from server.engine.types import (
+    Backtrack,
+    EngineEvent,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SteeringReport,
+    TokenLogprob,
+)
+from server.errors import ServerError
+from server.steering.bank import steering_strength
+from server.steering.policy import SteeringConfig, check_due, tokens_to_drop
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    SCORE_LAST = "score_last"  # one more forward pass to score the final token before finishing
+    DONE = "done"
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    steering: SteeringConfig | None
+    max_tokens: int
+    eos_ids: frozenset[int]
+    output: TextOutput
+    emit: Callable[[EngineEvent], None]
+    generator: torch.Generator | None = None
+    phase: Phase = Phase.PREFILL
+    prefilled: int = 0  # prompt tokens (of prompt[:-1]) already in the row's prefill cache
+    generated: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+    next_input: int = 0
+    strength: float = 0.0  # steering strength c applied to every position fed from now on
+    scores: list[float] = field(default_factory=list)  # probe score after each generated token
+    backtracks: list[Backtrack] = field(default_factory=list)
+    discarded: int = 0
+    eos_emitted: bool = False
+    finish_reason: FinishReason | None = None
+    refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
+    dropped_cols: list[int] = field(default_factory=list)  # cache columns a backtrack freed
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        self.next_input = self.prompt[-1]
+        if self.steering is not None and self.steering.mode == "always":
+            self.strength = self.steering.alpha
+        self._update_hold()
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def next_pos(self) -> int:
+        return len(self.cols)
+
+    @property
+    def scoring(self) -> bool:
+        return self.steering is not None and self.steering.monitors
+
+    @property
+    def can_backtrack(self) -> bool:
+        s = self.steering
+        return s is not None and s.mode == "fasb" and len(self.backtracks) < s.max_backtracks
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.request.sampling.logprobs
+
+    def advance(self, column: int, score: float | None, token: int, logprob: TokenLogprob | None) -> None:
+        """Apply one forward pass: `column` now holds `next_input`; `token` was sampled from it."""
+        self.cols.append(column)
+        if score is not None and self.generated:
+            del self.scores[len(self.generated) - 1 :]
+            self.scores.append(score)  # the prefix ending at generated[-1] just got this score
+        refed, self.refeeding = self.refeeding, False
+        if self.phase is Phase.SCORE_LAST:
+            self._final_check(score)
+        elif not refed and self._check_fails(score):
+            self._backtrack(score)
+        else:
+            # (A re-fed token is not checked again: checks follow newly generated tokens.)
+            self._accept(token, logprob, score)
+
+    def _check_fails(self, score: float | None) -> bool:
+        if not self.can_backtrack or score is None or not self.generated:
+            return False
+        due = check_due(len(self.generated), self.steering.backtrack_tokens, final=False)
+        return due and score < self.steering.threshold
+
+    def _accept(self, token: int, logprob: TokenLogprob | None, score: float | None) -> None:
+        if token in self.eos_ids and not self.request.sampling.ignore_eos:
+            self.eos_emitted = True
+            self._final_check(score, eos=True)
+            return
+        stopped = self.output.append(token, logprob)
+        self.generated.append(token)
+        self.next_input = token
+        self._update_hold()
+        if stopped or len(self.generated) >= self.max_tokens:
+            self.finish_reason = "stop" if stopped else "length"
+            if self.can_backtrack or self.scoring:
+                self.phase = Phase.SCORE_LAST  # the final token's score needs one more forward
+                return
+            self._finish()
+            return
+        self.output.release()
+
+    def _final_check(self, score: float | None, eos: bool = False) -> None:
+        """The last step: backtrack if the finished answer scores below the threshold."""
+        if eos:
+            self.finish_reason = "stop"
+        if self.can_backtrack and score is not None and score < self.steering.threshold:
+            self.eos_emitted = False
+            self._backtrack(score)
+            return
+        self._finish()
+
+    def _backtrack(self, score: float) -> None:
+        cfg = self.steering
+        generated = len(self.generated)
+        drop = tokens_to_drop(generated, cfg.backtrack_tokens)
+        self.strength = steering_strength(score, cfg.alpha, cfg.adaptive)
+        self.backtracks.append(Backtrack(generated, drop, score, self.strength))
+        self.discarded += drop
+        self.output.rollback(drop, generated, score, self.strength, announce=cfg.stream_mode == "retract")
+        kept = generated - drop
+        del self.generated[kept:], self.scores[kept:]
+        refeed_pos = len(self.prompt) + kept - 1
+        self.next_input = (self.prompt + self.generated)[refeed_pos]
+        self.dropped_cols = self.cols[refeed_pos:]  # the scheduler masks these out of the cache
+        del self.cols[refeed_pos:]
+        self.refeeding = True
+        self.phase = Phase.DECODE
+        self.finish_reason = None
+        self._update_hold()
+
+    def _update_hold(self) -> None:
+        if self.steering is not None and self.steering.stream_mode == "hold" and self.can_backtrack:
+            self.output.hold_tokens = min(len(self.generated), self.steering.backtrack_tokens)
+        else:
+            self.output.hold_tokens = 0
+
+    def _finish(self) -> None:
+        self.phase = Phase.DONE
+        self.output.finish()
+        self.emit(
+            Finished(
+                finish_reason=self.finish_reason or "stop",
+                prompt_tokens=len(self.prompt),
+                completion_tokens=len(self.generated) + int(self.eos_emitted),
+                discarded_tokens=self.discarded,
+                steering=self.report(),
+            )
+        )
+
+    def fail(self) -> None:
+        self.phase = Phase.DONE
+        self.emit(ServerError("generation failed inside the engine; see the server log"))
+
+    def report(self) -> SteeringReport | None:
+        cfg = self.steering
+        if cfg is None:
+            return None
+        return SteeringReport(
+            mode=cfg.mode,
+            behavior=cfg.behavior,
+            intervened=bool(self.backtracks) or cfg.mode == "always",
+            backtracks=list(self.backtracks),
+            scores=list(self.scores) if cfg.return_scores else None,
+        )
