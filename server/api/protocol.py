@@ -1,0 +1,474 @@
+"""OpenAI request and response schemas (pydantic v2), one class per object, plus our extensions.
+
+Requests convert themselves into the engine's plain value types (server/engine/types.py), so
+routes stay thin and the engine never sees pydantic. Ranges live in `Field(ge=, le=)`; anything
+pydantic rejects becomes a 400 whose `param` is the dotted path of the field (server/api/errors.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+
+from server.engine.types import (
+    BehaviorInfo,
+    FinishReason,
+    Retraction,
+    SamplingParams,
+    SteeringMode,
+    SteeringParams,
+    SteeringReport,
+    StreamMode,
+    TokenLogprob,
+)
+
+MAX_CHOICES = 8
+MAX_STOP_SEQUENCES = 4
+NOT_SUPPORTED = "not supported by this server"
+
+
+class OpenAIBaseModel(BaseModel):
+    # Clients send many optional fields we have no use for (user, metadata, store, ...); like the
+    # OpenAI server we ignore unknown top-level keys. Fields that would change the output if we
+    # ignored them are declared and rejected explicitly instead.
+    model_config = ConfigDict(extra="ignore")
+
+    # Optional fields left out of the JSON when None, rather than sent as null: our extensions
+    # (so plain OpenAI objects stay plain) and stream deltas (`delta: {}` means "nothing new").
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_omitted_nones(self, handler):
+        data = handler(self)
+        for name in self._omit_if_none:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class SteeringRequest(OpenAIBaseModel):
+    """The `steering` request object (not in the OpenAI spec). None: the server's default."""
+
+    # A typo in a steering knob must not silently fall back to a default: 400 naming the key.
+    model_config = ConfigDict(extra="forbid")
+
+    mode: SteeringMode | None = Field(None, description="off | monitor | always | fasb")
+    behavior: str | None = Field(None, description="which loaded artifact steers (see /v1/models)")
+    alpha: float | None = Field(None, ge=0, description="steering strength")
+    threshold: float | None = Field(None, ge=0, le=1, description="backtrack when P(desired) falls below it")
+    backtrack_tokens: int | None = Field(None, ge=1, description="tokens dropped per backtrack; check interval")
+    num_heads: int | None = Field(None, ge=1, description="use the artifact's top n heads")
+    adaptive: bool | None = Field(None, description="strength alpha*(1-p) instead of alpha")
+    max_backtracks: int | None = Field(None, ge=0, description="interventions allowed per answer")
+    stream_mode: StreamMode | None = Field(None, description="retract: send and correct; hold: delay s tokens")
+    return_scores: bool = Field(False, description="report the probe score of every answer token")
+
+    def to_params(self) -> SteeringParams:
+        return SteeringParams(**self.model_dump())
+
+
+class TextContentPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class RequestMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    # A plain string arrives as one text part, so every error inside a part list has a clean
+    # path such as messages.0.content.1.type.
+    content: list[TextContentPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_as_one_part(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        if not isinstance(value, list):
+            raise ValueError("must be a string or a list of text content parts")
+        return value
+
+    def to_engine(self) -> dict[str, str]:
+        # `developer` is OpenAI's newer name for `system`; chat templates only know the latter.
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+StopSequence = Annotated[str, Field(min_length=1)]
+
+
+class GenerationRequestFields(OpenAIBaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    # not in the OpenAI spec
+    top_k: int | None = Field(None, ge=0, description="(extension) sample from the k most likely tokens; 0: all")
+    ignore_eos: bool = Field(False, description="(extension) keep generating past end-of-sequence")
+    steering: SteeringRequest | None = Field(None, description="(extension) FASB steering for this request")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty_unsupported(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError(f"{NOT_SUPPORTED}; use 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _unsupported_unless_empty(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(NOT_SUPPORTED)
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def to_steering_params(self) -> SteeringParams | None:
+        """None when the request had no `steering` object (the server's defaults, stream_mode hold)."""
+        return None if self.steering is None else self.steering.to_params()
+
+
+class ChatCompletionRequest(GenerationRequestFields):
+    messages: list[RequestMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("requires `logprobs` to be true")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(NOT_SUPPORTED)
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"{NOT_SUPPORTED}; only type 'text'")
+        return value
+
+    def engine_messages(self) -> list[dict[str, str]]:
+        return [message.to_engine() for message in self.messages]
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        # max_completion_tokens is the newer name; when both are given it is the one OpenAI honours.
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return self._sampling(max_tokens, self.logprobs, self.top_logprobs or 0)
+
+
+class CompletionRequest(GenerationRequestFields):
+    # One prompt per request: a string, a one-string list, or token ids.
+    prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _single_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(type(t) is int for t in value):
+            return value
+        if isinstance(value, list) and len(value) > 1 and all(isinstance(t, str) for t in value):
+            raise ValueError("batched prompts are not supported; send one prompt per request")
+        raise ValueError("must be a string, a list of one string, or a non-empty list of token ids")
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported_if_set(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(NOT_SUPPORTED)
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError(f"{NOT_SUPPORTED}; use n")
+        return value
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        # Legacy logprobs=k: the sampled token's logprob plus the k most likely alternatives.
+        return self._sampling(self.max_tokens or default_max_tokens, self.logprobs is not None, self.logprobs or 0)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Usage(OpenAIBaseModel):
+    prompt_tokens: int
+    completion_tokens: int  # tokens in the final answers, as in OpenAI
+    total_tokens: int
+    # not in the OpenAI spec
+    discarded_tokens: int = Field(0, description="(extension) tokens generated, then retracted by backtracking")
+
+
+class BacktrackInfo(OpenAIBaseModel):
+    token_index: int
+    tokens_retracted: int
+    probe_score: float
+    strength: float
+
+
+class SteeringSummary(OpenAIBaseModel):
+    """Per-choice steering report (not in the OpenAI spec), on the message or the finish chunk."""
+
+    _omit_if_none = frozenset({"scores"})
+
+    mode: SteeringMode
+    behavior: str | None
+    intervened: bool
+    backtracks: list[BacktrackInfo]
+    scores: list[float] | None = Field(None, description="probe score per answer token (return_scores)")
+
+    @classmethod
+    def from_report(cls, report: SteeringReport) -> SteeringSummary:
+        backtracks = [BacktrackInfo(**vars(b)) for b in report.backtracks]
+        return cls(
+            mode=report.mode,
+            behavior=report.behavior,
+            intervened=report.intervened,
+            backtracks=backtracks,
+            scores=report.scores,
+        )
+
+
+class SteeringRetract(OpenAIBaseModel):
+    """A streamed correction (not in the OpenAI spec): delete `retract_text` from the end."""
+
+    type: Literal["retract"] = "retract"
+    retract_tokens: int
+    retract_text: str
+    probe_score: float
+    strength: float
+
+    @classmethod
+    def from_event(cls, event: Retraction) -> SteeringRetract:
+        return cls(
+            retract_tokens=event.tokens,
+            retract_text=event.text,
+            probe_score=event.probe_score,
+            strength=event.strength,
+        )
+
+
+class ChatTopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatChoiceLogprobs(OpenAIBaseModel):
+    content: list[ChatLogprob] | None
+
+    @classmethod
+    def from_tokens(cls, entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
+        return cls(content=[_chat_logprob(entry) for entry in entries])
+
+
+def _chat_logprob(entry: TokenLogprob) -> ChatLogprob:
+    top = [ChatTopLogprob(token=token, logprob=logprob, bytes=raw) for token, logprob, raw in entry.top]
+    return ChatLogprob(token=entry.token, logprob=entry.logprob, bytes=entry.bytes, top_logprobs=top)
+
+
+class AssistantMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    _omit_if_none = frozenset({"steering"})
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: FinishReason
+    steering: SteeringSummary | None = Field(None, description="(extension) what steering did")
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class DeltaMessage(OpenAIBaseModel):
+    _omit_if_none = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    _omit_if_none = frozenset({"steering"})
+
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    steering: SteeringRetract | SteeringSummary | None = Field(
+        None, description="(extension) a retraction, or the choice's report on its finish chunk"
+    )
+
+
+class ChatCompletionChunk(OpenAIBaseModel):
+    _omit_if_none = frozenset({"usage"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    """The legacy /v1/completions logprobs layout: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+    @classmethod
+    def from_tokens(cls, entries: list[TokenLogprob], text_offset: int = 0) -> CompletionLogprobs:
+        """`text_offset`: where the first entry's token starts in the choice's text."""
+        logprobs = cls()
+        for entry in entries:
+            logprobs.tokens.append(entry.token)
+            logprobs.token_logprobs.append(entry.logprob)
+            logprobs.top_logprobs.append({token: logprob for token, logprob, _ in entry.top})
+            logprobs.text_offset.append(text_offset)
+            text_offset += len(entry.token)
+        return logprobs
+
+
+class CompletionChoice(OpenAIBaseModel):
+    _omit_if_none = frozenset({"steering"})
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    steering: SteeringRetract | SteeringSummary | None = Field(None, description="(extension) see chat")
+
+
+class CompletionResponse(OpenAIBaseModel):
+    """A `text_completion`; OpenAI streams the same object, with `usage` only on the last one."""
+
+    _omit_if_none = frozenset({"usage"})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class BehaviorCard(OpenAIBaseModel):
+    name: str
+    num_heads: int
+    prompt_format: str
+    alpha: float
+    threshold: float
+    backtrack_tokens: int
+    val_accuracy: float | None = None
+
+    @classmethod
+    def from_info(cls, info: BehaviorInfo) -> BehaviorCard:
+        return cls(**vars(info))
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "fasb-server"
+    # not in the OpenAI spec
+    max_model_len: int = Field(description="(extension) context limit in tokens")
+    steering_behaviors: list[BehaviorCard] = Field(description="(extension) loaded steering artifacts")
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo

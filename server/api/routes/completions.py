@@ -1,0 +1,42 @@
+"""POST /v1/completions (legacy text completions)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from server.api.deps import EngineDep, RecordDep, SettingsDep, check_model
+from server.api.errors import ERROR_RESPONSES
+from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.api.routes.generate import generate
+from server.api.serving import ChoiceResult, usage_of
+from server.api.sse import CompletionChunks, steering_summary
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+async def create_completion(
+    body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep, record: RecordDep
+) -> Response | CompletionResponse:
+    """Continue a raw prompt (no chat template), streamed or not; `steering` controls FASB."""
+    check_model(engine, body.model)
+    record.model = body.model
+    prompt = engine.encode_prompt(body.prompt)
+    sampling = body.to_sampling_params(settings.default_max_tokens)
+    chunks = CompletionChunks(id=f"cmpl-{record.request_id}", model=engine.model_name, with_logprobs=sampling.logprobs)
+    return await generate(request, engine, record, body, prompt, sampling, chunks, text_completion)
+
+
+def text_completion(chunks: CompletionChunks, results: list[ChoiceResult]) -> CompletionResponse:
+    choices = [
+        CompletionChoice(
+            index=result.index,
+            text=result.text,
+            logprobs=CompletionLogprobs.from_tokens(result.logprobs) if chunks.with_logprobs else None,
+            finish_reason=result.finished.finish_reason,
+            steering=steering_summary(result.finished),
+        )
+        for result in results
+    ]
+    usage = usage_of([result.finished for result in results])
+    return CompletionResponse(id=chunks.id, created=chunks.created, model=chunks.model, choices=choices, usage=usage)
