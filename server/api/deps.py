@@ -46,5 +46,4 @@ def check_model(engine: EngineClient, model: str) -> None:
 
 
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 RecordDep = Annotated[RequestRecord, Depends(get_record)]

@@ -153,7 +153,7 @@ class GenerationRequestFields(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -203,7 +203,8 @@ class ChatCompletionRequest(GenerationRequestFields):
     def engine_messages(self) -> list[dict[str, str]]:
         return [message.to_engine() for message in self.messages]
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """`default_max_tokens` None: the engine's default, capped to the room the prompt leaves."""
         # max_completion_tokens is the newer name; when both are given it is the one OpenAI honours.
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return self._sampling(max_tokens, self.logprobs, self.top_logprobs or 0)
@@ -244,7 +245,8 @@ class CompletionRequest(GenerationRequestFields):
             raise ValueError(f"{NOT_SUPPORTED}; use n")
         return value
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """`default_max_tokens` None: the engine's default, capped to the room the prompt leaves."""
         # Legacy logprobs=k: the sampled token's logprob plus the k most likely alternatives.
         return self._sampling(self.max_tokens or default_max_tokens, self.logprobs is not None, self.logprobs or 0)
 

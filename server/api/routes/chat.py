@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.deps import EngineDep, RecordDep, SettingsDep, check_model
+from server.api.deps import EngineDep, RecordDep, check_model
 from server.api.errors import ERROR_RESPONSES
 from server.api.protocol import (
     AssistantMessage,
@@ -22,13 +22,13 @@ router = APIRouter(prefix="/v1", tags=["chat"])
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep, record: RecordDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, record: RecordDep
 ) -> Response | ChatCompletionResponse:
     """Create a chat completion, streamed or not; the `steering` extension controls FASB."""
     check_model(engine, body.model)
     record.model = body.model
     prompt = engine.encode_chat(body.engine_messages())
-    sampling = body.to_sampling_params(settings.default_max_tokens)
+    sampling = body.to_sampling_params()
     chunks = ChatChunks(id=f"chatcmpl-{record.request_id}", model=engine.model_name, with_logprobs=body.logprobs)
     return await generate(request, engine, record, body, prompt, sampling, chunks, chat_completion)
 

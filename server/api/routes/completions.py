@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.deps import EngineDep, RecordDep, SettingsDep, check_model
+from server.api.deps import EngineDep, RecordDep, check_model
 from server.api.errors import ERROR_RESPONSES
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.api.routes.generate import generate
@@ -16,13 +16,13 @@ router = APIRouter(prefix="/v1", tags=["completions"])
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
 async def create_completion(
-    body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep, record: RecordDep
+    body: CompletionRequest, request: Request, engine: EngineDep, record: RecordDep
 ) -> Response | CompletionResponse:
     """Continue a raw prompt (no chat template), streamed or not; `steering` controls FASB."""
     check_model(engine, body.model)
     record.model = body.model
     prompt = engine.encode_prompt(body.prompt)
-    sampling = body.to_sampling_params(settings.default_max_tokens)
+    sampling = body.to_sampling_params()
     chunks = CompletionChunks(id=f"cmpl-{record.request_id}", model=engine.model_name, with_logprobs=sampling.logprobs)
     return await generate(request, engine, record, body, prompt, sampling, chunks, text_completion)
 
