@@ -134,7 +134,7 @@ def _byte_level_alphabet() -> dict[str, int]:
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     char_to_byte = {chr(b): b for b in printable}
-    shifted = (b for b in range(256) if b not in char_to_byte.values())
+    shifted = [b for b in range(256) if b not in char_to_byte.values()]
     char_to_byte.update({chr(256 + i): b for i, b in enumerate(shifted)})
     return char_to_byte
 
