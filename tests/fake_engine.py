@@ -125,7 +125,7 @@ class FakeEngine:
             raise InvalidRequestError(f"unknown steering behavior {behavior!r}", param="steering.behavior")
         room = self.max_model_len - len(request.prompt_token_ids)
         if request.sampling.max_tokens is not None and request.sampling.max_tokens > room:
-            raise InvalidRequestError("max_tokens does not fit the context", param="max_tokens", code="context_length_exceeded")
+            raise InvalidRequestError("max_tokens does not fit the context", param="max_tokens")
         self.submitted.append(request)
         stream = FakeStream(self.script(request), **self.stream_options)
         self.streams.append(stream)

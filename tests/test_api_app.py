@@ -25,6 +25,7 @@ pytestmark = pytest.mark.asyncio
 MODEL = "fake-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 FINAL_TEXT = "Paris is the capital."  # backtracking_script after its retraction
+USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "discarded_tokens": 2}
 
 
 async def until_ready(engine: FakeEngine) -> None:
@@ -110,7 +111,7 @@ async def test_chat_stream_invariants(client):
                      "probe_score": 0.31, "strength": 41.4},
     }]
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "discarded_tokens": 2}
+    assert chunks[-1]["usage"] == USAGE
     assert all("usage" not in c for c in chunks[:-1])
     assert shown_text(chunks) == FINAL_TEXT
 
@@ -173,7 +174,7 @@ async def test_chat_non_stream_applies_retractions(client, engine):
         "mode": "fasb", "behavior": "truthfulness", "intervened": True,
         "backtracks": [{"token_index": 4, "tokens_retracted": 2, "probe_score": 0.31, "strength": 41.4}],
     }
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "discarded_tokens": 2}
+    assert body["usage"] == USAGE
     assert engine.submitted[0].steering is None  # no steering object: the server's defaults
 
 
@@ -228,7 +229,8 @@ async def test_full_queue_is_429(client, engine):
 
 async def test_engine_errors_keep_their_param(client):
     body = {**CHAT, "steering": {"behavior": "flattery"}}
-    assert_error(await client.post("/v1/chat/completions", json=body), 400, "invalid_request_error", "steering.behavior")
+    response = await client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, "invalid_request_error", "steering.behavior")
 
 
 async def test_health_is_503_while_loading_then_200():

@@ -56,7 +56,7 @@ def rejected_param(model: type, body: dict) -> str | None:
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content.0.type"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content.0.type"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text"),
         ({"steering": {"foo": 1}}, "steering.foo"),
         ({"steering": {"alpha": -1}}, "steering.alpha"),
@@ -90,6 +90,12 @@ def test_text_parts_are_joined_and_developer_is_system():
     ]
 
 
+def test_null_means_the_default():
+    request = chat(n=None, stream=None, logprobs=None, presence_penalty=None, steering={"return_scores": None})
+    assert (request.n, request.stream, request.logprobs, request.steering.return_scores) == (1, False, False, False)
+    assert rejected_param(ChatCompletionRequest, {"model": None, "messages": USER}) == "model"
+
+
 def test_unknown_top_level_fields_are_ignored():
     assert chat(metadata={"x": 1}, store=False).model == "m"
 
@@ -117,7 +123,8 @@ def test_sampling_defaults_and_values():
 def test_steering_params_only_when_the_request_has_a_steering_object():
     assert chat().to_steering_params() is None
     assert chat(steering={}).to_steering_params() == SteeringParams()
-    params = chat(steering={"mode": "fasb", "alpha": 4, "stream_mode": "hold", "return_scores": True}).to_steering_params()
+    steering = {"mode": "fasb", "alpha": 4, "stream_mode": "hold", "return_scores": True}
+    params = chat(steering=steering).to_steering_params()
     assert (params.mode, params.alpha, params.stream_mode, params.return_scores) == ("fasb", 4, "hold", True)
 
 

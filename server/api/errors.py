@@ -50,7 +50,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     """The first problem pydantic found, with `param` as the dotted path of the field."""
     first: dict[str, Any] = exc.errors()[0]
     if first["type"] == "json_invalid":
-        return InvalidRequestError(f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+        reason = first.get("ctx", {}).get("error", "")
+        return InvalidRequestError(f"The request body is not valid JSON: {reason}".strip())
     param = field_path(first["loc"])
     if param is None:
         return InvalidRequestError(_BODY_MESSAGES.get(first["type"], f"Invalid request body: {first['msg']}"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from server.engine.types import (
     BehaviorInfo,
@@ -51,7 +51,15 @@ class OpenAIBaseModel(BaseModel):
 # --------------------------------------------------------------------------- requests
 
 
-class SteeringRequest(OpenAIBaseModel):
+class RequestModel(OpenAIBaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # The OpenAI spec makes optional fields nullable, and clients do send `"n": null`.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class SteeringRequest(RequestModel):
     """The `steering` request object (not in the OpenAI spec). None: the server's default."""
 
     # A typo in a steering knob must not silently fall back to a default: 400 naming the key.
@@ -72,12 +80,12 @@ class SteeringRequest(OpenAIBaseModel):
         return SteeringParams(**self.model_dump())
 
 
-class TextContentPart(OpenAIBaseModel):
+class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class RequestMessage(OpenAIBaseModel):
+class RequestMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     # A plain string arrives as one text part, so every error inside a part list has a clean
     # path such as messages.0.content.1.type.
@@ -99,14 +107,14 @@ class RequestMessage(OpenAIBaseModel):
         return {"role": role, "content": "\n".join(part.text for part in self.content)}
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
 StopSequence = Annotated[str, Field(min_length=1)]
 
 
-class GenerationRequestFields(OpenAIBaseModel):
+class GenerationRequestFields(RequestModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str
@@ -131,8 +139,6 @@ class GenerationRequestFields(OpenAIBaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_as_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
         return [value] if isinstance(value, str) else value
 
     @field_validator("presence_penalty", "frequency_penalty")

@@ -45,4 +45,6 @@ def chat_completion(chunks: ChatChunks, results: list[ChoiceResult]) -> ChatComp
         for result in results
     ]
     usage = usage_of([result.finished for result in results])
-    return ChatCompletionResponse(id=chunks.id, created=chunks.created, model=chunks.model, choices=choices, usage=usage)
+    return ChatCompletionResponse(
+        id=chunks.id, created=chunks.created, model=chunks.model, choices=choices, usage=usage
+    )
