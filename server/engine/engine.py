@@ -236,7 +236,10 @@ class Engine:
         def emit(event) -> None:  # called on the worker thread
             if isinstance(event, Finished):
                 self._observe_finished(event)
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
 
         return emit
 
@@ -244,6 +247,7 @@ class Engine:
         m = self.metrics
         m.observe_tokens(event.prompt_tokens, event.completion_tokens + event.discarded_tokens, event.discarded_tokens)
         if event.steering is not None:
+            m.observe_check(event.steering.checks)
             for backtrack in event.steering.backtracks:
                 m.observe_backtrack(backtrack.tokens_retracted)
 

@@ -56,6 +56,7 @@ class Sequence:
     scores: list[float] = field(default_factory=list)  # probe score after each generated token
     backtracks: list[Backtrack] = field(default_factory=list)
     discarded: int = 0
+    checks: int = 0
     eos_emitted: bool = False
     finish_reason: FinishReason | None = None
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
@@ -108,8 +109,10 @@ class Sequence:
     def _check_fails(self, score: float | None) -> bool:
         if not self.can_backtrack or score is None or not self.generated:
             return False
-        due = check_due(len(self.generated), self.steering.backtrack_tokens, final=False)
-        return due and score < self.steering.threshold
+        if not check_due(len(self.generated), self.steering.backtrack_tokens, final=False):
+            return False
+        self.checks += 1
+        return score < self.steering.threshold
 
     def _accept(self, token: int, logprob: TokenLogprob | None, score: float | None) -> None:
         if token in self.eos_ids and not self.request.sampling.ignore_eos:
@@ -133,6 +136,7 @@ class Sequence:
         """The last step: backtrack if the finished answer scores below the threshold."""
         if eos:
             self.finish_reason = "stop"
+        self.checks += int(self.can_backtrack)
         if self.can_backtrack and score is not None and score < self.steering.threshold:
             self.eos_emitted = False
             self._backtrack(score)
@@ -191,4 +195,5 @@ class Sequence:
             intervened=bool(self.backtracks) or cfg.mode == "always",
             backtracks=list(self.backtracks),
             scores=list(self.scores) if cfg.return_scores else None,
+            checks=self.checks,
         )

@@ -96,6 +96,7 @@ class SteeringReport:
     intervened: bool
     backtracks: list[Backtrack]
     scores: list[float] | None = None  # per final token, with return_scores
+    checks: int = 0  # probe checks made (for metrics)
 
 
 @dataclass(frozen=True)
