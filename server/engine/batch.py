@@ -69,9 +69,7 @@ class Batch:
         scores = self._probe_scores()
         tokens = sample(logits, self._sampling, [r.generator for r in self.rows])
         logprobs = self._logprobs(logits, tokens)
-        # One device->host transfer for everything the per-row decisions need.
-        tokens_cpu = tokens.tolist()
-        scores_cpu = scores.tolist() if scores is not None else [None] * len(self.rows)
+        tokens_cpu, scores_cpu = _to_host(tokens, scores)
         backtracked = False
         for b, row in enumerate(self.rows):
             strength = row.strength
@@ -153,3 +151,12 @@ class Batch:
         if self.rows and self.cache.width > longest + _COMPACT_SLACK:
             for row, cols in zip(self.rows, self.cache.compact([r.cols for r in self.rows])):
                 row.cols = cols
+
+
+def _to_host(tokens: torch.Tensor, scores: torch.Tensor | None) -> tuple[list[int], list]:
+    """One device->host transfer (one sync) for everything the per-row decisions need."""
+    if scores is None:
+        return tokens.tolist(), [None] * tokens.shape[0]
+    packed = torch.cat([tokens.double(), scores.double()]).tolist()  # ids < 2**53 survive float64
+    n = tokens.shape[0]
+    return [int(t) for t in packed[:n]], packed[n:]
