@@ -18,27 +18,19 @@ import argparse
 import json
 import os
 import platform
-import socket
+import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LONG_STORY_PROMPT, ServerProcess, TimingStreamer, chat_prompt_ids  # noqa: E402
 
-# A prompt that makes an instruct model write at length, so 128 greedy tokens are reachable even
-# without `ignore_eos` (the run checks the count either way).
-DEFAULT_PROMPT = (
-    "Write a long, detailed story of at least 600 words about a lighthouse keeper who finds a "
-    "message in a bottle. Describe the island, the weather, the keeper's daily routine and the "
-    "journey that the message leads to."
-)
+DEFAULT_PROMPT = LONG_STORY_PROMPT
 
 
 @dataclass
@@ -69,58 +61,13 @@ class Side:
 # server side
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m server` on a free port; its output goes to a log file shown if it fails."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.port = args.port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(self.port),
-               "--steering-mode", args.steering_mode, "--max-batch-size", "1"]
-        if args.cache_dir:
-            cmd += ["--cache-dir", args.cache_dir]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fasb-bench-server-", suffix=".log", delete=False)
-        env = dict(os.environ)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the server
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        self.log.flush()
-        return "".join(Path(self.log.name).read_text(errors="replace").splitlines(True)[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        os.unlink(self.log.name)
+def start_server(args: argparse.Namespace) -> ServerProcess:
+    """`python -m server` with this bench's flags: one stream at a time, no batching."""
+    server_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
+                   "--steering-mode", args.steering_mode, "--max-batch-size", "1"]
+    if args.cache_dir:
+        server_args += ["--cache-dir", args.cache_dir]
+    return ServerProcess(server_args, port=args.port, threads=args.threads)
 
 
 def server_run(client: httpx.Client, model: str, args: argparse.Namespace) -> tuple[Run, int | None]:
@@ -175,27 +122,7 @@ def server_run(client: httpx.Client, model: str, args: argparse.Namespace) -> tu
 # model.generate side
 
 
-class TimingStreamer:
-    """A generate() streamer that only timestamps: put() gets the prompt once, then each token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    # The server's chat path: the tokenizer's chat template with the assistant turn opened.
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+prompt_ids = chat_prompt_ids
 
 
 def generate_run(loaded, ids: list[int], tokens: int) -> Run:
@@ -276,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    proc = ServerProcess(args)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server subprocess is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    proc = start_server(args)
     try:
         print(f"starting server on port {proc.port} ...", file=sys.stderr)
         t0 = time.perf_counter()
