@@ -1,0 +1,5 @@
+import sys
+
+from steering_artifacts.cli import main
+
+sys.exit(main())

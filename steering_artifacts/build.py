@@ -1,0 +1,274 @@
+"""The build pipeline: dataset -> prompts -> activations -> split -> probes -> artifact + report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.engine.loader import load_model
+from server.steering.artifact import SteeringArtifact, artifacts_root, model_fingerprint, model_slug, save_artifact
+from steering_artifacts import probes
+from steering_artifacts.collect import cache_key, cached_activations, collect_activations
+from steering_artifacts.datasets import Dataset, load_dataset
+from steering_artifacts.prompts import encode
+from steering_artifacts.split import Split, split_by_group
+
+log = logging.getLogger(__name__)
+
+REPORT_HEAD_COUNTS = (1, 4, 8, 16, 24, 32, 48)
+ACTIVATION_POSITION = {
+    "qa": "last token of 'Q: {question} A: {answer}'",
+    "chat": "last token of the answer in the assistant turn (the template's end-of-turn token is not included)",
+}
+SIGMA_SOURCE = "train+validation activations of the build dataset, in the artifact's prompt format"
+
+
+@dataclass
+class BuildConfig:
+    behavior: str
+    dataset: str  # "truthfulqa" or a .jsonl path
+    data_dir: str | None = None
+    model: str = "default"
+    prompt_format: str = "chat"
+    out: str | None = None  # default: steering_artifacts/<model-slug>/<behavior>
+    num_heads: int = 24
+    direction: str = "mass_mean"
+    C: float = 1.0  # inverse L2 strength of the probes, on standardised activations
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    alpha: float = 5.0
+    threshold: float = 0.5
+    backtrack_tokens: int = 10
+    eval_formats: tuple[str, ...] = ()  # extra prompt formats to report held-out accuracy in
+    batch_tokens: int = 2048
+    max_pack_tokens: int = 1024
+    cache_dir: str | None = None  # default: steering_artifacts/.activations (git-ignored)
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+    command: str | None = None  # the command line, recorded in the manifest
+
+
+@dataclass
+class Activations:
+    """Head activations [N, L, H, D] (float16) of one dataset in one prompt format."""
+
+    values: np.ndarray
+    seconds: float
+    cpu_seconds: float
+    from_cache: bool
+
+    def select(self, rows: np.ndarray, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
+        chosen = self.values[rows]
+        if heads is None:
+            return chosen.astype(np.float32)
+        layers, head_ids = zip(*heads)
+        return chosen[:, list(layers), list(head_ids)].astype(np.float32)
+
+
+@dataclass
+class BuildResult:
+    artifact: SteeringArtifact
+    out: Path
+    report: dict = field(default_factory=dict)
+
+
+def _collect(config: BuildConfig, loaded, dataset: Dataset, prompt_format: str) -> Activations:
+    model = loaded.model
+    token_ids = encode(dataset.examples, prompt_format, loaded.tokenizer)
+    cfg = model.config.get_text_config()
+    num_heads, head_dim = (
+        cfg.num_attention_heads,
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+    )
+    model_hash = model_fingerprint(model, range(cfg.num_hidden_layers))["o_proj_sha256"]
+    cache_dir = Path(config.cache_dir) if config.cache_dir else artifacts_root() / ".activations"
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    computed = []
+
+    def compute() -> np.ndarray:
+        computed.append(True)
+        return collect_activations(
+            model,
+            token_ids,
+            dataset.groups(),
+            pad_id,
+            config.batch_tokens,
+            config.max_pack_tokens,
+            progress=config.progress,
+        )
+
+    flat = cached_activations(cache_dir, cache_key(model_hash, token_ids), compute)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    log.info(
+        "activations (%s): %d prompts, %d tokens, %.1fs wall, %.1fs CPU%s",
+        prompt_format,
+        len(token_ids),
+        sum(map(len, token_ids)),
+        seconds,
+        cpu_seconds,
+        "" if computed else " (cache)",
+    )
+    values = flat.reshape(len(token_ids), cfg.num_hidden_layers, num_heads, head_dim)
+    return Activations(values, seconds, cpu_seconds, from_cache=not computed)
+
+
+def _select_heads(acts: Activations, labels: np.ndarray, split: Split, config: BuildConfig):
+    """Probes for all heads on train; returns (top heads, their weights [K, D], biases [K], head val acc [L, H])."""
+    if len(set(labels[split.train].tolist())) < 2:
+        raise ValueError(
+            "the training split holds only one label; the dataset needs both desired (1) and undesired (0) examples"
+        )
+    start = time.perf_counter()
+    weights, biases = probes.fit_head_probes(
+        acts.select(split.train), labels[split.train], config.C, config.seed, config.progress
+    )
+    val_accuracy = probes.head_accuracy(acts.select(split.val), labels[split.val], weights, biases)
+    top = probes.rank_heads(val_accuracy, config.num_heads)
+    log.info(
+        "probes: fitted %d heads in %.1fs; best validation accuracy %.3f",
+        weights.shape[0] * weights.shape[1],
+        time.perf_counter() - start,
+        val_accuracy.max(),
+    )
+    layer_ids, head_ids = zip(*top)
+    return top, weights[list(layer_ids), list(head_ids)], biases[list(layer_ids), list(head_ids)], val_accuracy
+
+
+def _accuracy_report(acts: Activations, labels, split: Split, top, weights, biases, val_accuracy) -> dict:
+    test_x, test_y = acts.select(split.test, top), labels[split.test]
+    val_x, val_y = acts.select(split.val, top), labels[split.val]
+    test_head_acc = (((np.einsum("nkd,kd->nk", test_x, weights) + biases) > 0) == test_y[:, None]).mean(axis=0)
+    counts = [n for n in REPORT_HEAD_COUNTS if n < len(top)] + [len(top)]
+    return {
+        "ensemble_test": probes.ensemble_accuracy(test_x, test_y, weights, biases),
+        "ensemble_val": probes.ensemble_accuracy(val_x, val_y, weights, biases),
+        "ensemble_test_by_num_heads": {
+            str(n): probes.ensemble_accuracy(test_x[:, :n], test_y, weights[:n], biases[:n]) for n in counts
+        },
+        "majority_class_test": float(max(test_y.mean(), 1 - test_y.mean())),
+        "top_heads": [
+            {"layer": layer, "head": head, "val": float(val_accuracy[layer, head]), "test": float(test_head_acc[k])}
+            for k, (layer, head) in enumerate(top)
+        ],
+    }
+
+
+def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, report: dict) -> dict:
+    examples = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
+    test_questions = sorted({dataset.examples[i].question for i in split.test if dataset.examples[i].question})
+    return {
+        "format_version": 1,
+        "behavior": config.behavior,
+        "model_id": loaded.model_id,
+        "fingerprint": model_fingerprint(loaded.model, [layer for layer, _ in top]),
+        "prompt_format": config.prompt_format,
+        "activation_position": ACTIVATION_POSITION[config.prompt_format],
+        "direction_method": config.direction,
+        "sigma_source": SIGMA_SOURCE,
+        "dataset": {
+            "name": dataset.name,
+            "source": dataset.source,
+            "sha256": dataset.sha256,
+            "num_examples": len(dataset.examples),
+            "num_groups": len(set(dataset.groups())),
+        },
+        "split": {
+            "unit": "group (question)",
+            "seed": config.seed,
+            "fractions": dict(zip(("train", "val", "test"), config.split)),
+            "num_examples": examples,
+            "test_ids": split.test_groups,
+            "test_questions": test_questions,
+        },
+        "builder": {key: value for key, value in asdict(config).items() if key not in ("progress", "command")}
+        | {"command": config.command},
+        "seed": config.seed,
+        "accuracy": report,
+        "recommended": {
+            "alpha": config.alpha,
+            "threshold": config.threshold,
+            "backtrack_tokens": config.backtrack_tokens,
+            "provisional": True,
+            "note": "builder flags, not yet tuned; the FASB decoding sweep on validation questions rewrites them",
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def build(config: BuildConfig) -> BuildResult:
+    """Run the whole pipeline and write the artifact; returns it with its report."""
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    labels = np.array(dataset.labels())
+    log.info(
+        "dataset %s: %d examples in %d groups, %.1f%% desired",
+        dataset.name,
+        len(labels),
+        len(set(dataset.groups())),
+        100 * labels.mean(),
+    )
+    acts = _collect(config, loaded, dataset, config.prompt_format)
+    split = split_by_group(dataset.groups(), config.split, config.seed)
+    log.info("split by group: %d/%d/%d examples (train/val/test)", len(split.train), len(split.val), len(split.test))
+    top, weights, biases, val_accuracy = _select_heads(acts, labels, split, config)
+    fit_rows = np.concatenate([split.train, split.val])
+    fit_x = acts.select(fit_rows, top)
+    unit = probes.directions(fit_x, labels[fit_rows], weights, config.direction)
+    report = _accuracy_report(acts, labels, split, top, weights, biases, val_accuracy)
+    report["test_ensemble_by_format"] = {config.prompt_format: report["ensemble_test"]}
+    for prompt_format in config.eval_formats:
+        if prompt_format != config.prompt_format:
+            other = _collect(config, loaded, dataset, prompt_format)
+            report["test_ensemble_by_format"][prompt_format] = probes.ensemble_accuracy(
+                other.select(split.test, top), labels[split.test], weights, biases
+            )
+    timings = {
+        "collection": round(acts.seconds, 1),
+        "collection_cpu": round(acts.cpu_seconds, 1),
+        "collection_cached": acts.from_cache,
+        "total": round(time.perf_counter() - started, 1),
+    }
+    artifact = SteeringArtifact(
+        behavior=config.behavior,
+        layers=torch.tensor([layer for layer, _ in top], dtype=torch.int64),
+        heads=torch.tensor([head for _, head in top], dtype=torch.int64),
+        probe_weight=torch.tensor(weights, dtype=torch.float32),
+        probe_bias=torch.tensor(biases, dtype=torch.float32),
+        direction=torch.tensor(unit, dtype=torch.float32),
+        sigma=torch.tensor(probes.projection_std(fit_x, unit), dtype=torch.float32),
+        val_accuracy=torch.tensor([val_accuracy[layer, head] for layer, head in top], dtype=torch.float32),
+        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings},
+    )
+    out = Path(config.out) if config.out else artifacts_root() / model_slug(loaded.model_id) / config.behavior
+    save_artifact(artifact, out)
+    artifact.path = out
+    report = report | {"timings_s": timings}
+    log_report(report, out)
+    return BuildResult(artifact, out, report)
+
+
+def log_report(report: dict, out: Path) -> None:
+    log.info("top heads (layer, head): validation / test accuracy")
+    for rank, head in enumerate(report["top_heads"][:10], start=1):
+        log.info("  %2d. L%-2d H%-2d  %.3f / %.3f", rank, head["layer"], head["head"], head["val"], head["test"])
+    by_n = ", ".join(f"{n}: {acc:.3f}" for n, acc in report["ensemble_test_by_num_heads"].items())
+    log.info(
+        "ensemble held-out test accuracy by number of heads: %s (majority class %.3f)",
+        by_n,
+        report["majority_class_test"],
+    )
+    for prompt_format, accuracy in report["test_ensemble_by_format"].items():
+        log.info("K-head ensemble on held-out questions, %s prompts: %.3f", prompt_format, accuracy)
+    log.info("wrote %s in %.1fs", out, report["timings_s"]["total"])

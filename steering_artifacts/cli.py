@@ -1,0 +1,76 @@
+"""Command line: `python -m steering_artifacts build ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from steering_artifacts.build import BuildConfig, build
+from steering_artifacts.probes import DIRECTION_METHODS
+from steering_artifacts.prompts import PROMPT_FORMATS
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = tuple(float(x) for x in text.split("/"))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("expected train/val/test, e.g. 0.6/0.2/0.2")
+    return parts
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f for f in text.split(",") if f)
+    for f in formats:
+        if f not in PROMPT_FORMATS:
+            raise argparse.ArgumentTypeError(f"unknown prompt format {f!r}; use {','.join(PROMPT_FORMATS)}")
+    return formats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m steering_artifacts", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("build", help="build one artifact (probes + directions) for a model and behaviour")
+    defaults = BuildConfig(behavior="", dataset="")
+    p.add_argument("--behavior", required=True, help="artifact name, e.g. truthfulness")
+    p.add_argument("--dataset", required=True, help="'truthfulqa' (mc2 targets) or a .jsonl file")
+    p.add_argument("--data-dir", help="for truthfulqa: the folder holding data/mc_task.json")
+    p.add_argument("--model", default=defaults.model, help="'default', a local folder or a hub id")
+    p.add_argument(
+        "--format",
+        dest="prompt_format",
+        choices=PROMPT_FORMATS,
+        default=defaults.prompt_format,
+        help="prompt format the probes read (the server serves chat)",
+    )
+    p.add_argument("--out", help="artifact folder (default steering_artifacts/<model-slug>/<behavior>)")
+    p.add_argument("--num-heads", type=int, default=defaults.num_heads, help="K, heads kept (best validation accuracy)")
+    p.add_argument("--direction", choices=DIRECTION_METHODS, default=defaults.direction)
+    p.add_argument("--C", type=float, default=defaults.C, help="inverse L2 strength of the probes")
+    p.add_argument("--split", type=_fractions, default=defaults.split, help="train/val/test fractions of groups")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="recommended strength (provisional)")
+    p.add_argument(
+        "--threshold", type=float, default=defaults.threshold, help="recommended P(desired) threshold (provisional)"
+    )
+    p.add_argument("--backtrack-tokens", type=int, default=defaults.backtrack_tokens)
+    p.add_argument(
+        "--eval-formats", type=_formats, default=(), help="also report held-out accuracy in these formats, e.g. qa,chat"
+    )
+    p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="padded tokens per forward pass")
+    p.add_argument("--max-pack-tokens", type=int, default=defaults.max_pack_tokens)
+    p.add_argument("--cache-dir", help="activation cache (default steering_artifacts/.activations)")
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--dtype", default=defaults.dtype)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = vars(build_parser().parse_args(argv))
+    args.pop("command")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build(BuildConfig(**args, command="python -m steering_artifacts " + shlex.join(argv)))
+    return 0

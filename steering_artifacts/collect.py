@@ -1,0 +1,212 @@
+"""Batched collection of head activations: the `o_proj` input of every layer at each prompt's last token.
+
+Speed matters (6,204 TruthfulQA prompts on a 2-core CPU), so on top of batching we share work:
+prompts of one group (a question's answers) begin with the same tokens (the question, and in chat
+format the whole system prompt + user turn), so each group becomes one *packed* sequence
+`prefix + suffix_1 + suffix_2 + ...`. A custom 4-D attention mask lets every suffix attend to the
+shared prefix and to itself only, and position ids restart after the prefix for each suffix, so
+each suffix's activations equal those of its prompt run alone (tests check this against
+one-prompt-at-a-time forwards). That roughly halves the tokens for `qa` and thirds them for `chat`.
+
+Packed sequences are sorted by length and right-padded into batches of at most `batch_tokens`
+padded tokens; only the decoder stack runs (no LM head), under torch.inference_mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from server.steering.layers import attention_output_projections
+
+log = logging.getLogger(__name__)
+
+COLLECTOR_VERSION = 1  # bump when the numbers a collection produces change, to invalidate caches
+_PREFIX, _PAD = -1, -2  # segment ids of shared-prefix and padding tokens; suffixes are 0, 1, ...
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Several prompts sharing a token prefix, laid out as one sequence."""
+
+    input_ids: list[int]
+    position_ids: list[int]
+    segments: list[int]  # _PREFIX for shared tokens, i for the i-th prompt's own tokens
+    last_positions: list[int]  # index in the pack of each prompt's last token
+    prompt_indices: list[int]  # which prompts (indices into the caller's list) the pack holds
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    shortest = min(len(s) for s in sequences)
+    length = 0
+    while length < shortest and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return min(length, shortest - 1)  # every prompt keeps at least its last token as its own
+
+
+def _pack_group(token_ids: list[list[int]], indices: list[int], prefix_len: int) -> Pack:
+    first = token_ids[indices[0]]
+    input_ids, positions = list(first[:prefix_len]), list(range(prefix_len))
+    segments, last_positions = [_PREFIX] * prefix_len, []
+    for segment, index in enumerate(indices):
+        suffix = token_ids[index][prefix_len:]
+        input_ids += suffix
+        positions += range(prefix_len, prefix_len + len(suffix))
+        segments += [segment] * len(suffix)
+        last_positions.append(len(input_ids) - 1)
+    return Pack(input_ids, positions, segments, last_positions, list(indices))
+
+
+def pack_prompts(token_ids: list[list[int]], groups: list[str], max_pack_tokens: int = 1024) -> list[Pack]:
+    """Pack each group's prompts around their common prefix, in chunks of about `max_pack_tokens` tokens."""
+    by_group: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(group, []).append(index)
+    packs = []
+    for indices in by_group.values():
+        prefix_len = _common_prefix_length([token_ids[i] for i in indices])
+        chunk: list[int] = []
+        chunk_len = prefix_len
+        for index in indices:
+            suffix_len = len(token_ids[index]) - prefix_len
+            if chunk and chunk_len + suffix_len > max_pack_tokens:
+                packs.append(_pack_group(token_ids, chunk, prefix_len))
+                chunk, chunk_len = [], prefix_len
+            chunk.append(index)
+            chunk_len += suffix_len
+        packs.append(_pack_group(token_ids, chunk, prefix_len))
+    return packs
+
+
+def batch_packs(packs: list[Pack], batch_tokens: int) -> list[list[Pack]]:
+    """Sort by length (least padding) and cut into batches of at most `batch_tokens` padded tokens."""
+    ordered = sorted(packs, key=lambda p: len(p.input_ids))
+    batches: list[list[Pack]] = []
+    for pack in ordered:
+        # Lengths only grow, so the newest pack sets the padded width of its batch.
+        if batches and (len(batches[-1]) + 1) * len(pack.input_ids) <= batch_tokens:
+            batches[-1].append(pack)
+        else:
+            batches.append([pack])
+    return batches
+
+
+def _attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, S, S]: causal, and a suffix sees only the shared prefix and itself."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    # Padding rows (segment _PAD) see earlier padding, so no softmax row is empty; real rows never
+    # see padding because padding only follows them.
+    allowed = causal & ((key == query) | ((key == _PREFIX) & (query != _PAD)))
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _batch_tensors(batch: list[Pack], pad_id: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(p.input_ids) for p in batch)
+
+    def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([row + [fill] * (width - len(row)) for row in rows], dtype=torch.long)
+
+    segments = padded([p.segments for p in batch], _PAD)
+    return {
+        "input_ids": padded([p.input_ids for p in batch], pad_id).to(device),
+        "position_ids": padded([p.position_ids for p in batch], 0).to(device),
+        "attention_mask": _attention_mask(segments, dtype).to(device),
+    }
+
+
+def _capture_hook(captured: list[torch.Tensor | None], layer: int, rows: torch.Tensor, cols: torch.Tensor):
+    """Forward pre-hook that stores the o_proj input [B, S, H*D] at positions (rows, cols)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        captured[layer] = args[0][rows, cols].float().cpu()
+
+    return hook
+
+
+def _run_batch(model: nn.Module, projections: list[nn.Module], batch: list[Pack], pad_id: int) -> torch.Tensor:
+    """Activations [n_prompts_in_batch, L, H*D] in the batch's prompt order."""
+    param = next(model.parameters())
+    inputs = _batch_tensors(batch, pad_id, param.dtype, param.device)
+    rows = torch.tensor([b for b, pack in enumerate(batch) for _ in pack.last_positions], device=param.device)
+    cols = torch.tensor([c for pack in batch for c in pack.last_positions], device=param.device)
+    captured: list[torch.Tensor | None] = [None] * len(projections)
+    handles = [
+        proj.register_forward_pre_hook(_capture_hook(captured, layer, rows, cols))
+        for layer, proj in enumerate(projections)
+    ]
+    try:
+        # The base model skips the LM head, whose [B, S, vocab] logits we would throw away.
+        model.base_model(**inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(captured, dim=1)
+
+
+def collect_activations(
+    model: nn.Module,
+    token_ids: list[list[int]],
+    groups: list[str],
+    pad_id: int = 0,
+    batch_tokens: int = 2048,
+    max_pack_tokens: int = 1024,
+    dtype: np.dtype = np.float16,
+    progress: bool = True,
+) -> np.ndarray:
+    """Head activations [N, L, H*D] at the last token of each prompt, in the prompts' order."""
+    projections = attention_output_projections(model)
+    packs = pack_prompts(token_ids, groups, max_pack_tokens)
+    batches = batch_packs(packs, batch_tokens)
+    out: np.ndarray | None = None  # allocated once the first batch shows the width of o_proj's input
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(token_ids), desc="activations", unit="prompt", disable=not progress) as bar,
+    ):
+        for batch in batches:
+            acts = _run_batch(model, projections, batch, pad_id).numpy()
+            if out is None:
+                out = np.empty((len(token_ids),) + acts.shape[1:], dtype)
+            out[[i for pack in batch for i in pack.prompt_indices]] = acts
+            bar.update(len(acts))
+    log.info(
+        "collected %d prompts as %d packed sequences in %d batches (%d tokens instead of %d)",
+        len(token_ids),
+        len(packs),
+        len(batches),
+        sum(len(p.input_ids) for p in packs),
+        sum(len(t) for t in token_ids),
+    )
+    return out
+
+
+def cache_key(model_hash: str, token_ids: list[list[int]]) -> str:
+    """Changes when the model weights, the tokens (data, format, template) or the collector change."""
+    digest = hashlib.sha256(f"{COLLECTOR_VERSION}:{model_hash}:".encode())
+    digest.update(json.dumps(token_ids).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_activations(cache_dir: Path, key: str, compute) -> np.ndarray:
+    """Load `<cache_dir>/<key>.npy` if present, else `compute()` and save it there as float16."""
+    path = cache_dir / f"{key}.npy"
+    if path.is_file():
+        log.info("activations: reusing cache %s", path)
+        return np.load(path, allow_pickle=False)
+    acts = compute().astype(np.float16, copy=False)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, acts, allow_pickle=False)
+    tmp.rename(path)
+    log.info("activations: cached %s (%.0f MB)", path, acts.nbytes / 2**20)
+    return acts
