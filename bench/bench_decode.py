@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LONG_STORY_PROMPT, ServerProcess, TimingStreamer, chat_prompt_ids  # noqa: E402
+from common import LONG_STORY_PROMPT, ServerProcess, TimingStreamer, chat_prompt_ids, stream_chat  # noqa: E402
 
 DEFAULT_PROMPT = LONG_STORY_PROMPT
 
@@ -77,52 +77,22 @@ def server_run(client: httpx.Client, model: str, args: argparse.Namespace) -> tu
         "messages": [{"role": "user", "content": args.prompt}],
         "max_tokens": args.tokens,
         "temperature": 0,
-        "stream": True,
         "stream_options": {"include_usage": True},
         # An explicit steering object: mode off, and no `hold` buffering of the newest tokens.
         "steering": {"mode": args.steering_mode},
     }
     if args.ignore_eos:
         body["ignore_eos"] = True  # fasb-server extension (not OpenAI): exactly max_tokens tokens
-    t_first = t_last = None
-    chunks, text, usage = 0, [], None
-    start = time.perf_counter()
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"server answered {r.status_code}: {r.read().decode(errors='replace')}")
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"error in stream: {chunk['error']}")
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices", []):
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    now = time.perf_counter()
-                    t_first = t_first or now
-                    t_last = now
-                    chunks += 1
-                    text.append(content)
-    if t_first is None:
+    record = stream_chat(client, body)
+    if not record.content_times:
         raise RuntimeError("the stream carried no content")
-    # usage.completion_tokens counts tokens; content chunks can be fewer (a chunk may wait for the
-    # rest of a multi-byte character), so chunks are only the fallback when there is no usage.
-    tokens = usage["completion_tokens"] if usage else chunks
-    prompt_tokens = usage["prompt_tokens"] if usage else None
-    return Run(t_first - start, t_last - t_first, tokens, "".join(text)), prompt_tokens
+    decode_s = record.content_times[-1] - record.content_times[0]
+    prompt_tokens = record.usage["prompt_tokens"] if record.usage else None
+    return Run(record.ttft_s, decode_s, record.completion_tokens, record.text), prompt_tokens
 
 
 # ---------------------------------------------------------------------------------------------
 # model.generate side
-
-
-prompt_ids = chat_prompt_ids
 
 
 def generate_run(loaded, ids: list[int], tokens: int) -> Run:
@@ -214,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait_healthy(args.startup_timeout)
         print(f"server healthy after {time.perf_counter() - t0:.1f}s; loading the model here ...", file=sys.stderr)
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
-        ids = prompt_ids(loaded.tokenizer, args.prompt)
+        ids = chat_prompt_ids(loaded.tokenizer, args.prompt)
         with httpx.Client(base_url=proc.base, timeout=httpx.Timeout(600, connect=10)) as client:
             model_name = client.get("/v1/models").json()["data"][0]["id"]
             srv, gen = Side("server (HTTP stream)"), Side("HF model.generate")
