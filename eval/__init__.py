@@ -1,0 +1,1 @@
+"""Quality evaluation of steered decoding: `python -m eval truthfulqa {mc,gen,sweep} ...`."""

@@ -1,0 +1,95 @@
+"""`python -m eval truthfulqa {mc,gen,sweep} ...`: print a table, write JSON (see eval/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from eval.truthfulqa_data import DEFAULT_DATA_DIR
+
+DEFAULT_ALPHAS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
+DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact", required=True, help="artifact folder (qa format for mc, chat for gen)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the artifact's held-out or validation questions")
+    p.add_argument("--limit", type=int, help="first N questions of the split (quick runs)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="truthfulqa/ folder")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", help="JSON path (default eval/results/<name>.json)")
+
+
+def _steering(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, help="FASB alpha (default: the manifest's recommended)")
+    p.add_argument("--threshold", type=float, help="FASB threshold on mean P(true) (default: recommended)")
+    p.add_argument("--backtrack-tokens", type=int, help="s (default: recommended)")
+    p.add_argument("--iti-alpha", type=float, help="ITI row's alpha (default: recommended iti_alpha, else alpha)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+    tqa = benchmarks.add_parser("truthfulqa").add_subparsers(dest="task", required=True)
+    mc = tqa.add_parser("mc", help="MC1/MC2/MC3: baseline, ITI, FASB")
+    _common(mc)
+    _steering(mc)
+    mc.add_argument("--batch-rows", type=int, default=16, help="answers per forward pass")
+    gen = tqa.add_parser("gen", help="greedy generation through the Engine, judged by embedding similarity")
+    _common(gen)
+    _steering(gen)
+    gen.add_argument("--max-tokens", type=int, default=50)
+    gen.add_argument("--max-batch-size", type=int, default=8)
+    sweep = tqa.add_parser("sweep", help="alpha x threshold on validation questions (MC: qa artifact, gen: chat)")
+    _common(sweep)
+    sweep.set_defaults(split="val")
+    sweep.add_argument("--task", choices=("mc", "gen"), help="default: mc for a qa artifact, gen for a chat one")
+    sweep.add_argument("--alphas", type=_floats, default=DEFAULT_ALPHAS)
+    sweep.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS)
+    sweep.add_argument("--iti-alphas", type=_floats, help="ITI alphas (default: --alphas)")
+    sweep.add_argument("--backtrack-tokens", type=int, default=10)
+    sweep.add_argument("--batch-rows", type=int, default=16)
+    sweep.add_argument("--max-tokens", type=int, default=50)
+    sweep.add_argument("--max-batch-size", type=int, default=8)
+    sweep.add_argument("--write-recommended", action="store_true", help="write the chosen values into the manifest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.task == "mc":
+        from eval.truthfulqa_mc import run_mc
+
+        run_mc(args)
+    elif args.task == "gen":
+        from eval.truthfulqa_gen import run_gen
+
+        run_gen(args)
+    else:
+        _sweep(args)
+    return 0
+
+
+def _sweep(args) -> None:
+    from server.steering.artifact import load_artifact
+
+    if args.iti_alphas is None:
+        args.iti_alphas = args.alphas
+    task = args.task or ("mc" if load_artifact(args.artifact).prompt_format == "qa" else "gen")
+    if task == "mc":
+        from eval.truthfulqa_mc import run_mc_sweep
+
+        run_mc_sweep(args)
+    else:
+        from eval.truthfulqa_gen import run_gen_sweep
+
+        run_gen_sweep(args)

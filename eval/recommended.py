@@ -1,0 +1,44 @@
+"""Write the sweep's chosen values into an artifact's manifest ("recommended" only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.steering.artifact import MANIFEST_FILE
+
+log = logging.getLogger(__name__)
+
+
+def write_recommended(artifact_dir: str | Path, values: dict) -> None:
+    """Replace the manifest's "recommended" object, leaving every other key as it was."""
+    path = Path(artifact_dir) / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["recommended"] = values
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    log.info("wrote recommended %s into %s", {k: v for k, v in values.items() if k != "chosen_by"}, path)
+
+
+@dataclass(frozen=True)
+class RowValues:
+    alpha: float  # FASB
+    threshold: float
+    backtrack_tokens: int
+    iti_alpha: float
+
+
+def row_values(args, manifest: dict) -> RowValues:
+    """Command-line values where given, else the manifest's recommendation (ITI: iti_alpha, else alpha)."""
+    rec = manifest["recommended"]
+
+    def pick(given, key, default=None):
+        return given if given is not None else rec.get(key, default)
+
+    return RowValues(
+        alpha=float(pick(args.alpha, "alpha")),
+        threshold=float(pick(args.threshold, "threshold")),
+        backtrack_tokens=int(pick(args.backtrack_tokens, "backtrack_tokens")),
+        iti_alpha=float(pick(args.iti_alpha, "iti_alpha", rec["alpha"])),
+    )
