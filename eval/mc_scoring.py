@@ -64,8 +64,8 @@ class MCScorer:
     @torch.inference_mode()
     def score(self, seqs: list[ScoredSequence], monitor: bool = False, desc: str | None = None) -> list[SequenceScore]:
         """Scores in the order of `seqs`; `monitor` also returns probe scores (unsteered rows only)."""
-        # one question's answers together, similar lengths together: less padding
-        order = sorted(range(len(seqs)), key=lambda i: (seqs[i].ids[: seqs[i].context_len], len(seqs[i].ids)))
+        # similar answer lengths together: the fed segments are padded to the longest in the batch
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids) - seqs[i].context_len, i))
         results: list[SequenceScore | None] = [None] * len(seqs)
         batches = [order[i : i + self.batch_rows] for i in range(0, len(order), self.batch_rows)]
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
