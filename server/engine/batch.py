@@ -11,6 +11,7 @@ import torch
 from server.engine.decode import decode_step
 from server.engine.detokenizer import token_bytes, token_text
 from server.engine.kv_cache import BatchKVCache
+from server.engine.prefill import PrefillGroup
 from server.engine.sampling import SamplingTensors, compute_logprobs, sample
 from server.engine.sequence import Phase, Sequence
 from server.engine.types import TokenLogprob
@@ -37,14 +38,16 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, seq: Sequence, row_cache) -> None:
-        columns, shift = self.cache.add_row(row_cache, seq.prefilled)
+    def add_group(self, group: PrefillGroup) -> None:
+        """Join prefilled newcomers; they decode from the next step on."""
+        columns, shift = self.cache.add_rows(group.cache, group.valid)
         if shift:
             for row in self.rows:
                 row.cols = [c + shift for c in row.cols]
-        seq.cols = columns
-        seq.phase = Phase.DECODE
-        self.rows.append(seq)
+        for seq, cols in zip(group.seqs, columns):
+            seq.cols = cols
+            seq.phase = Phase.DECODE
+        self.rows.extend(group.seqs)
         self._dirty = True
 
     def remove_finished(self) -> list[Sequence]:

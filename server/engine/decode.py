@@ -1,7 +1,7 @@
-"""The model-facing steps of the decode loop: chunked prefill and one batched decode step.
+"""The model-facing decode step: one token for every row of the running batch.
 
-Kept free of scheduling and HTTP (gpt-fast style): each function is a forward pass plus the
-cache bookkeeping it needs. The caller holds `torch.inference_mode()`.
+Kept free of scheduling and HTTP (gpt-fast style): a forward pass plus the cache bookkeeping it
+needs. (Prefill lives in prefill.py.) The caller holds `torch.inference_mode()`.
 """
 
 from __future__ import annotations
@@ -10,21 +10,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.kv_cache import BatchKVCache
-
-
-def prefill_chunk(model: PreTrainedModel, cache: DynamicCache | None, token_ids: list[int], start: int) -> DynamicCache:
-    """Feed prompt tokens at positions start.. into a single row's cache; returns the cache."""
-    device = model.device
-    input_ids = torch.tensor([token_ids], device=device)  # [1, S]
-    positions = torch.arange(start, start + len(token_ids), device=device)[None]  # [1, S]
-    out = model(
-        input_ids=input_ids,
-        position_ids=positions,
-        past_key_values=cache if cache is not None else DynamicCache(),
-        use_cache=True,
-        logits_to_keep=1,  # prefill only fills the cache: skip the vocab projection of every position
-    )
-    return out.past_key_values
 
 
 def decode_step(model: PreTrainedModel, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

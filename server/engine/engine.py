@@ -104,7 +104,9 @@ class Engine:
         self._eos_ids = _eos_token_ids(loaded)
         self._load_artifacts(loaded)
         batch = Batch(loaded.model, loaded.tokenizer, self._taps, self._banks)
-        scheduler = Scheduler(batch, self._queue, s.max_batch_size, on_step=self._report_queue)
+        pad_id = loaded.tokenizer.pad_token_id
+        pad_id = pad_id if pad_id is not None else min(self._eos_ids, default=0)
+        scheduler = Scheduler(batch, self._queue, s.max_batch_size, pad_id, on_step=self._report_queue)
         self._worker = threading.Thread(target=scheduler.run, name="fasb-decode", daemon=True)
         self._worker.start()
         self.ready = True

@@ -34,6 +34,11 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([pad, t], dim=2)
 
 
+def _left_pad_mask(valid: torch.Tensor, width: int) -> torch.Tensor:
+    pad = valid.new_zeros(valid.shape[0], width - valid.shape[1])
+    return torch.cat([pad, valid], dim=1)
+
+
 class BatchKVCache:
     def __init__(self, device: torch.device):
         self.device = device
@@ -48,43 +53,34 @@ class BatchKVCache:
     def width(self) -> int:
         return self.valid.shape[1]
 
-    def add_row(self, row_cache: DynamicCache | None, length: int) -> tuple[list[int], int]:
-        """Append a prefilled row (its own B=1 cache of `length` columns) as the last row.
+    def add_rows(self, rows_cache: DynamicCache | None, rows_valid: torch.Tensor) -> tuple[list[list[int]], int]:
+        """Append prefilled rows: their own cache `[n, H, W, D]` per layer, right-aligned, with
+        `rows_valid [n, W]` marking real columns.
 
-        Returns the columns of the new row's positions 0..length-1, and how far the existing
-        rows' columns moved right (the batch is left-padded when the new row is longer).
+        Returns each new row's columns (position order) and how far the existing rows' columns
+        moved right (the batch is left-padded when the newcomers are wider).
         """
-        row_kv = _layers_kv(row_cache) if row_cache is not None and length > 0 else None
-        width = max(self.width, length)
-        shift = width - self.width
-        if self.batch_size == 0:
-            self.cache = _cache_from(row_kv) if row_kv else None
-            self.valid = torch.ones(1, length, dtype=torch.bool, device=self.device)
-            return list(range(length)), 0
-        batch_kv = _layers_kv(self.cache) if self.cache is not None else None
-        merged = []
-        for i in range(len(batch_kv or row_kv or [])):
-            old = batch_kv[i] if batch_kv else None
-            new = row_kv[i] if row_kv else None
-            merged.append(tuple(self._merge(old, new, j, width) for j in range(2)))
-        self.cache = _cache_from(merged) if merged else None
-        pad_old = torch.zeros(self.batch_size, width - self.width, dtype=torch.bool, device=self.device)
-        row_valid = torch.zeros(1, width, dtype=torch.bool, device=self.device)
-        row_valid[0, width - length :] = True
-        self.valid = torch.cat([torch.cat([pad_old, self.valid], dim=1), row_valid], dim=0)
-        return list(range(width - length, width)), shift
+        width = max(self.width, rows_valid.shape[1])
+        shift = width - self.width if self.batch_size else 0
+        old_kv = _layers_kv(self.cache) if self.cache is not None else None
+        new_kv = _layers_kv(rows_cache) if rows_cache is not None and rows_valid.shape[1] else None
+        if old_kv or new_kv:
+            n_layers = len(old_kv or new_kv)
+            self.cache = _cache_from([
+                tuple(self._merge(old_kv[i] if old_kv else None, new_kv[i] if new_kv else None, j,
+                                  rows_valid.shape[0], width) for j in range(2))
+                for i in range(n_layers)
+            ])
+        self.valid = torch.cat([_left_pad_mask(self.valid, width), _left_pad_mask(rows_valid.to(self.device), width)])
+        lengths = rows_valid.sum(dim=1).tolist()
+        return [list(range(width - n, width)) for n in lengths], shift
 
-    def _merge(self, old, new, j: int, width: int) -> torch.Tensor:
-        # old/new: (keys, values) pairs or None; j picks keys (0) or values (1)
-        if old is None:  # batch has no columns yet: build zero rows in the new row's shape
-            ref = new[j]
-            old_t = ref.new_zeros(self.batch_size, ref.shape[1], 0, ref.shape[3])
-        else:
-            old_t = old[j]
-        if new is None:
-            new_t = old_t.new_zeros(1, old_t.shape[1], 0, old_t.shape[3])
-        else:
-            new_t = new[j]
+    def _merge(self, old, new, j: int, n_new: int, width: int) -> torch.Tensor:
+        # old/new: (keys, values) pairs or None; j picks keys (0) or values (1). A side without
+        # columns yet becomes zero-width rows shaped like the other side.
+        ref = (old or new)[j]
+        old_t = old[j] if old else ref.new_zeros(self.batch_size, ref.shape[1], 0, ref.shape[3])
+        new_t = new[j] if new else ref.new_zeros(n_new, ref.shape[1], 0, ref.shape[3])
         return torch.cat([_left_pad(old_t, width - old_t.shape[2]), _left_pad(new_t, width - new_t.shape[2])], dim=0)
 
     def remove_rows(self, keep: list[int]) -> None:

@@ -2,8 +2,9 @@
 
 `RequestQueue` owns admission: it bounds how many requests may wait or run (`--max-queue`) and
 hands waiting ones to the worker. `Scheduler.run` is the worker thread's loop: each iteration
-prefills at most one chunk of one newcomer (so a long prompt never stalls running streams for more
-than a chunk), then decodes one token for every running row.
+prefills one chunk of the newcomers that arrived together (so neither a burst of clients nor a
+long prompt stalls the running streams for more than a chunk), then decodes one token for every
+running row.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from contextlib import nullcontext
 import torch
 
 from server.engine.batch import Batch
-from server.engine.decode import prefill_chunk
-from server.engine.sequence import Phase, Sequence
+from server.engine.prefill import PrefillGroup
+from server.engine.sequence import Sequence
 from server.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 256  # prompt tokens per worker iteration
+PREFILL_TOKENS = 512  # prompt tokens (all newcomers together) per worker iteration
 
 
 class RequestQueue:
@@ -76,11 +77,12 @@ class RequestQueue:
 
 
 class Scheduler:
-    def __init__(self, batch: Batch, queue: RequestQueue, max_batch_size: int, on_step=None):
+    def __init__(self, batch: Batch, queue: RequestQueue, max_batch_size: int, pad_id: int, on_step=None):
         self.batch = batch
         self.queue = queue
         self.max_batch_size = max_batch_size
-        self._prefilling: deque[tuple[Sequence, object]] = deque()  # (sequence, its row cache)
+        self.pad_id = pad_id
+        self._group: PrefillGroup | None = None  # newcomers being prefilled
         self._on_step = on_step or (lambda: None)
 
     def run(self) -> None:
@@ -93,42 +95,33 @@ class Scheduler:
                     self._fail_all()
 
     def _iteration(self) -> None:
-        idle = not self.batch.rows and not self._prefilling
-        room = self.max_batch_size - len(self.batch) - len(self._prefilling)
-        for seq in self.queue.take(room, block=idle):
-            self._prefilling.append((seq, None))
-        self._prefill_one_chunk()
+        if self._group is None:
+            idle = not self.batch.rows
+            newcomers = self.queue.take(self.max_batch_size - len(self.batch), block=idle)
+            if newcomers:
+                self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id)
+        if self._group is not None:
+            self._prefill_chunk()
         if self.batch.rows:
             self.batch.step()
-        finished = self.batch.remove_finished()
+        finished = self.batch.remove_finished()  # also drops rows whose client went away
         if finished:
             self.queue.done(len(finished))
         self._on_step()
 
-    def _prefill_one_chunk(self) -> None:
-        while self._prefilling and self._prefilling[0][0].cancelled:
-            self._prefilling.popleft()
-            self.queue.done(1)
-        if not self._prefilling:
-            return
-        seq, cache = self._prefilling[0]
-        context = seq.prompt[:-1]  # the last prompt token is fed by the first decode step
-        chunk = context[seq.prefilled : seq.prefilled + PREFILL_CHUNK]
-        if chunk:
+    def _prefill_chunk(self) -> None:
+        group = self._group
+        if not group.finished:
             with self.batch.taps.paused() if self.batch.taps else nullcontext():
-                cache = prefill_chunk(self.batch.model, cache, chunk, seq.prefilled)
-            seq.prefilled += len(chunk)
-        if seq.prefilled >= len(context):
-            self._prefilling.popleft()
-            self.batch.add(seq, cache)
-        else:
-            self._prefilling[0] = (seq, cache)
+                group.run_chunk(self.batch.model, PREFILL_TOKENS)
+        if group.finished:
+            self.batch.add_group(group)
+            self._group = None
 
     def _fail_all(self) -> None:
-        failed = [s for s in self.batch.rows] + [s for s, _ in self._prefilling]
-        self._prefilling.clear()
+        failed = list(self.batch.rows) + (self._group.seqs if self._group else [])
+        self._group = None
         for seq in failed:
-            seq.phase = Phase.DONE
             seq.fail()
         self.batch.remove_finished()
         self.queue.done(len(failed))

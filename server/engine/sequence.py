@@ -48,7 +48,6 @@ class Sequence:
     emit: Callable[[EngineEvent], None]
     generator: torch.Generator | None = None
     phase: Phase = Phase.PREFILL
-    prefilled: int = 0  # prompt tokens (of prompt[:-1]) already in the row's prefill cache
     generated: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
     next_input: int = 0
