@@ -162,6 +162,17 @@ def _accuracy_report(acts: Activations, labels, split: Split, top, weights, bias
     }
 
 
+def _held_out_scores(acts: Activations, labels, split: Split, top, weights, biases) -> dict:
+    """Ensemble accuracy on the test questions, and its mean P(desired) per class (what a threshold sees)."""
+    p = probes.ensemble_probability(acts.select(split.test, top), weights, biases)
+    y = labels[split.test]
+    return {
+        "accuracy": float(((p > 0.5) == y.astype(bool)).mean()),
+        "mean_p_desired": float(p[y == 1].mean()),
+        "mean_p_undesired": float(p[y == 0].mean()),
+    }
+
+
 def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, report: dict) -> dict:
     examples = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
     test_questions = sorted({dataset.examples[i].question for i in split.test if dataset.examples[i].question})
@@ -227,12 +238,14 @@ def build(config: BuildConfig) -> BuildResult:
     fit_x = acts.select(fit_rows, top)
     unit = probes.directions(fit_x, labels[fit_rows], weights, config.direction)
     report = _accuracy_report(acts, labels, split, top, weights, biases, val_accuracy)
-    report["test_ensemble_by_format"] = {config.prompt_format: report["ensemble_test"]}
+    report["test_ensemble_by_format"] = {
+        config.prompt_format: _held_out_scores(acts, labels, split, top, weights, biases)
+    }
     for prompt_format in config.eval_formats:
         if prompt_format != config.prompt_format:
             other = _collect(config, loaded, dataset, prompt_format)
-            report["test_ensemble_by_format"][prompt_format] = probes.ensemble_accuracy(
-                other.select(split.test, top), labels[split.test], weights, biases
+            report["test_ensemble_by_format"][prompt_format] = _held_out_scores(
+                other, labels, split, top, weights, biases
             )
     timings = {
         "collection": round(acts.seconds, 1),
@@ -269,6 +282,12 @@ def log_report(report: dict, out: Path) -> None:
         by_n,
         report["majority_class_test"],
     )
-    for prompt_format, accuracy in report["test_ensemble_by_format"].items():
-        log.info("K-head ensemble on held-out questions, %s prompts: %.3f", prompt_format, accuracy)
+    for prompt_format, scores in report["test_ensemble_by_format"].items():
+        log.info(
+            "held-out ensemble, %s prompts: accuracy %.3f; mean P(desired) %.2f on desired, %.2f on undesired",
+            prompt_format,
+            scores["accuracy"],
+            scores["mean_p_desired"],
+            scores["mean_p_undesired"],
+        )
     log.info("wrote %s in %.1fs", out, report["timings_s"]["total"])

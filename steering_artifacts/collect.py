@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def cached_activations(cache_dir: Path, key: str, compute) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     acts = compute().astype(np.float16, copy=False)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # concurrent builders never see a half-written file
     np.save(tmp, acts, allow_pickle=False)
     tmp.rename(path)
     log.info("activations: cached %s (%.0f MB)", path, acts.nbytes / 2**20)
