@@ -89,9 +89,10 @@ def test_cli_builds_a_loadable_compatible_artifact(tiny, tiny_model_dir, dataset
     assert (artifact.alpha, artifact.threshold, artifact.backtrack_tokens) == (3.0, 0.4, 10)
     assert artifact.val_accuracy.tolist() == sorted(artifact.val_accuracy.tolist(), reverse=True)
     assert set(manifest["accuracy"]["test_ensemble_by_format"]) == {"chat", "qa"}
+    assert 0 <= manifest["accuracy"]["test_ensemble_by_format"]["qa"]["mean_p_desired"] <= 1
     assert len(manifest["split"]["test_ids"]) == 2 and manifest["dataset"]["num_examples"] == len(examples())
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # chat and qa activations
-    assert "ensemble held-out test accuracy" in caplog.text
+    assert "held-out ensemble, qa prompts: accuracy" in caplog.text
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
