@@ -50,3 +50,11 @@ def test_uninformative(text):
                                   "I know that the earth is round."])
 def test_informative(text):
     assert not is_uninformative(text)
+
+
+def test_split_ids_reads_recorded_test_and_val_ids(tmp_path):
+    from eval.truthfulqa_data import split_ids
+
+    manifest = {"split": {"test_ids": ["3", "1"], "val_ids": ["2", "5"], "seed": 0}}
+    assert split_ids(manifest, "test", tmp_path) == ["3", "1"]
+    assert split_ids(manifest, "val", tmp_path) == ["2", "5"]
