@@ -39,6 +39,15 @@ def examples() -> list[dict]:
     ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny-model forwards are all overhead: on a shared CPU, two spinning threads make them ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
