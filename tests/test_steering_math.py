@@ -9,7 +9,7 @@ from server.engine.types import SteeringParams
 from server.errors import InvalidRequestError
 from server.steering.bank import BehaviorBank, head_weights, probe_probabilities, steering_strength
 from server.steering.layers import attention_output_projections
-from server.steering.policy import BehaviorDefaults, ServerSteeringDefaults, check_due, resolve_steering, tokens_to_drop
+from server.steering.policy import BehaviorDefaults, check_due, resolve_steering, tokens_to_drop
 from server.steering.taps import HeadTaps
 from tests.synthetic_artifact import synthetic_artifact
 
@@ -103,9 +103,9 @@ BEHAVIORS = {"truthfulness": BehaviorDefaults(alpha=5.0, threshold=0.5, backtrac
 
 
 def test_policy_layers_defaults_artifact_then_server_then_request():
-    cfg = resolve_steering(None, ServerSteeringDefaults(), BEHAVIORS)
+    cfg = resolve_steering(None, SteeringParams(), BEHAVIORS)
     assert (cfg.mode, cfg.alpha, cfg.threshold, cfg.stream_mode) == ("fasb", 5.0, 0.5, "hold")
-    server = ServerSteeringDefaults(alpha=7.0)
+    server = SteeringParams(alpha=7.0)
     cfg = resolve_steering(SteeringParams(threshold=0.4), server, BEHAVIORS)
     assert (cfg.alpha, cfg.threshold, cfg.stream_mode, cfg.max_backtracks) == (7.0, 0.4, "retract", 1)
     assert resolve_steering(SteeringParams(mode="off"), server, BEHAVIORS) is None
@@ -113,12 +113,12 @@ def test_policy_layers_defaults_artifact_then_server_then_request():
 
 def test_policy_rejects_bad_values_naming_the_field():
     with pytest.raises(InvalidRequestError) as err:
-        resolve_steering(SteeringParams(behavior="tone"), ServerSteeringDefaults(), BEHAVIORS)
+        resolve_steering(SteeringParams(behavior="tone"), SteeringParams(), BEHAVIORS)
     assert err.value.param == "steering.behavior" and "truthfulness" in err.value.message
     with pytest.raises(InvalidRequestError) as err:
-        resolve_steering(SteeringParams(num_heads=25), ServerSteeringDefaults(), BEHAVIORS)
+        resolve_steering(SteeringParams(num_heads=25), SteeringParams(), BEHAVIORS)
     assert err.value.param == "steering.num_heads"
     with pytest.raises(InvalidRequestError) as err:
-        resolve_steering(SteeringParams(mode="fasb"), ServerSteeringDefaults(), {})
+        resolve_steering(SteeringParams(mode="fasb"), SteeringParams(), {})
     assert err.value.param == "steering.mode"
-    assert resolve_steering(None, ServerSteeringDefaults(), {}) is None  # no artifact: plain decoding
+    assert resolve_steering(None, SteeringParams(), {}) is None  # no artifact: plain decoding

@@ -21,13 +21,13 @@ from server.engine.loader import LoadedModel, load_model
 from server.engine.output import TextOutput
 from server.engine.scheduler import RequestQueue, Scheduler
 from server.engine.sequence import Sequence
-from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest
+from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams
 from server.errors import EngineNotReadyError, InvalidRequestError
 from server.metrics import Metrics
 from server.steering.artifact import SteeringArtifact, check_compatible, find_default_artifacts, load_artifact
 from server.steering.bank import BehaviorBank
 from server.steering.layers import attention_output_projections
-from server.steering.policy import BehaviorDefaults, ServerSteeringDefaults, resolve_steering
+from server.steering.policy import BehaviorDefaults, resolve_steering
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Engine:
         self._queue = RequestQueue(settings.max_queue)
         self._worker: threading.Thread | None = None
         self._eos_ids: frozenset[int] = frozenset()
-        self._steering_defaults = ServerSteeringDefaults(
+        self._steering_defaults = SteeringParams(
             mode=settings.steering_mode,
             behavior=settings.default_behavior,
             alpha=settings.alpha,

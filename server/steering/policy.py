@@ -1,7 +1,8 @@
 """Per-request steering settings and the FASB check schedule (DESIGN.md §2).
 
 Defaults are layered: the artifact's manifest (calibrated per model and behaviour), then server
-flags, then the request's `steering` object.
+flags, then the request's `steering` object. Server flags and the request use the same
+`SteeringParams` type: None means "not set here".
 """
 
 from __future__ import annotations
@@ -10,20 +11,6 @@ from dataclasses import dataclass
 
 from server.engine.types import SteeringMode, SteeringParams, StreamMode
 from server.errors import InvalidRequestError
-
-
-@dataclass(frozen=True)
-class ServerSteeringDefaults:
-    """Server flags; None means 'use the artifact's recommendation'."""
-
-    mode: SteeringMode = "fasb"
-    behavior: str | None = None
-    alpha: float | None = None
-    threshold: float | None = None
-    backtrack_tokens: int | None = None
-    num_heads: int | None = None
-    adaptive: bool | None = None
-    max_backtracks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,12 +47,16 @@ def _pick(*values):
 
 def resolve_steering(
     request: SteeringParams | None,
-    server: ServerSteeringDefaults,
+    server: SteeringParams,
     behaviors: dict[str, BehaviorDefaults],
 ) -> SteeringConfig | None:
-    """The request's effective settings, or None when it is not steered or monitored at all."""
+    """The request's effective settings, or None when it is not steered or monitored at all.
+
+    `server` holds the server flags (None: use the artifact's recommendation); its `mode` is the
+    default mode, "fasb" unless the flags say otherwise.
+    """
     asked = request or SteeringParams()
-    mode = _pick(asked.mode, server.mode)
+    mode = _pick(asked.mode, server.mode, "fasb")
     if mode == "off":
         return None
     if not behaviors:
