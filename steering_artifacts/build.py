@@ -32,8 +32,9 @@ SIGMA_SOURCE = "train+validation activations of the build dataset, in the artifa
 @dataclass
 class BuildConfig:
     behavior: str
-    dataset: str  # "truthfulqa" or a .jsonl path
+    dataset: str  # "truthfulqa", a multiple-choice set (copa, snli, mmlu, winogrande) or a .jsonl path
     data_dir: str | None = None
+    max_items: int | None = None  # multiple-choice sets: subsample to this many items (None: the set's default)
     model: str = "default"
     prompt_format: str = "chat"
     out: str | None = None  # default: steering_artifacts/<model-slug>/<behavior>
@@ -191,13 +192,15 @@ def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, 
             "sha256": dataset.sha256,
             "num_examples": len(dataset.examples),
             "num_groups": len(set(dataset.groups())),
-        },
+        }
+        | ({"selection": dataset.selection} if dataset.selection else {}),
         "split": {
             "unit": "group (question)",
             "seed": config.seed,
             "fractions": dict(zip(("train", "val", "test"), config.split)),
             "num_examples": examples,
             "test_ids": split.test_groups,
+            "val_ids": split.val_groups,
             "test_questions": test_questions,
         },
         "builder": {key: value for key, value in asdict(config).items() if key not in ("progress", "command")}
@@ -221,7 +224,7 @@ def build(config: BuildConfig) -> BuildResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     loaded = load_model(config.model, device=config.device, dtype=config.dtype)
-    dataset = load_dataset(config.dataset, config.data_dir)
+    dataset = load_dataset(config.dataset, config.data_dir, config.max_items, config.seed)
     labels = np.array(dataset.labels())
     log.info(
         "dataset %s: %d examples in %d groups, %.1f%% desired",

@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("build", help="build one artifact (probes + directions) for a model and behaviour")
     defaults = BuildConfig(behavior="", dataset="")
     p.add_argument("--behavior", required=True, help="artifact name, e.g. truthfulness")
-    p.add_argument("--dataset", required=True, help="'truthfulqa' (mc2 targets) or a .jsonl file")
-    p.add_argument("--data-dir", help="for truthfulqa: the folder holding data/mc_task.json")
+    p.add_argument(
+        "--dataset", required=True, help="'truthfulqa' (mc2 targets), copa, snli, mmlu, winogrande, or a .jsonl file"
+    )
+    p.add_argument("--data-dir", help="truthfulqa: the folder holding data/mc_task.json; copa etc.: its data folder")
+    p.add_argument("--max-items", type=int, help="multiple-choice sets: seeded subsample of this many items")
     p.add_argument("--model", default=defaults.model, help="'default', a local folder or a hub id")
     p.add_argument(
         "--format",

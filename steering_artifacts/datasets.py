@@ -24,6 +24,7 @@ class Dataset:
     name: str
     source: str
     examples: list[Example]
+    selection: str | None = None  # how a subset was chosen (multiple-choice sets), for the manifest
 
     @property
     def sha256(self) -> str:
@@ -82,12 +83,18 @@ def _parse_jsonl_record(record: dict, where: str) -> Example:
     return Example(group=str(group), label=int(label), prompt=record["prompt"])
 
 
-def load_dataset(name: str, data_dir: str | Path | None) -> Dataset:
-    """`truthfulqa` (needs `data_dir`) or the path of a .jsonl file."""
+def load_dataset(name: str, data_dir: str | Path | None, max_items: int | None = None, seed: int = 0) -> Dataset:
+    """`truthfulqa` or a multiple-choice set (both need `data_dir`), or the path of a .jsonl file."""
+    from steering_artifacts.datasets_mc import MC_DATASETS, load_mc_dataset  # it imports this module
+
+    if name in MC_DATASETS:
+        if data_dir is None:
+            raise ValueError(f"--dataset {name} needs --data-dir (e.g. ../shared/data/{name})")
+        return load_mc_dataset(name, data_dir, max_items, seed)
     if name == "truthfulqa":
         if data_dir is None:
             raise ValueError("--dataset truthfulqa needs --data-dir (the truthfulqa/ folder with data/mc_task.json)")
         return load_truthfulqa_mc2(data_dir)
     if name.endswith(".jsonl"):
         return load_jsonl(name)
-    raise ValueError(f"unknown dataset {name!r}: use 'truthfulqa' or a path ending in .jsonl")
+    raise ValueError(f"unknown dataset {name!r}: use truthfulqa, {', '.join(MC_DATASETS)} or a path ending in .jsonl")
