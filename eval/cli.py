@@ -1,4 +1,5 @@
-"""`python -m eval truthfulqa {mc,gen,sweep} ...`: print a table, write JSON (see eval/README.md)."""
+"""`python -m eval truthfulqa {mc,gen,sweep} ...` and `python -m eval mc --task ...`: print a table, write JSON
+(see eval/README.md)."""
 
 from __future__ import annotations
 
@@ -60,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-tokens", type=int, default=50)
     sweep.add_argument("--max-batch-size", type=int, default=8)
     sweep.add_argument("--write-recommended", action="store_true", help="write the chosen values into the manifest")
+    from eval.mc_tasks_cli import add_mc_parser
+
+    add_mc_parser(benchmarks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.task == "mc":
+    if args.benchmark == "mc":
+        from eval.mc_tasks_cli import run
+
+        run(args)
+    elif args.task == "mc":
         from eval.truthfulqa_mc import run_mc
 
         run_mc(args)
