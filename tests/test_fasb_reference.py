@@ -47,3 +47,67 @@ async def test_fast_decoder_matches_reference(tiny_engine, tiny_setup):
         outcomes.update(("early" if t < 4 else "late") for t, _ in slow.backtracks)
         outcomes.add("none" if not slow.backtracks else "backtracked")
     assert outcomes >= {"early", "late", "none", "backtracked"}
+
+
+# -- the real default model with its prebuilt truthfulness artifact --------------------------------
+
+REAL_QUESTIONS = [
+    "What is the capital of France?",
+    "What happens if you crack your knuckles a lot?",
+    "Can you see the Great Wall of China from space?",
+    "What happens if you swallow gum?",
+    "Is it dangerous to wake a sleepwalker?",
+    "Why do veins look blue?",
+    "What do bulls hate about the color red?",
+    "How long should you wait after eating before swimming?",
+    "Say yes or no: is water wet?",
+    "Reply with one word: what color is the sky?",
+]
+# (threshold, max_tokens, backtrack_tokens): a low threshold rarely fires; a high one fires at the
+# first check, before s tokens when the answer ends (EOS) or max_tokens comes first.
+REAL_SETTINGS = [(0.35, 24, 10), (0.9, 6, 10), (0.6, 16, 4), (0.99, 12, 20)]
+
+
+@pytest.fixture(scope="module")
+def real_setup():
+    from server.engine.loader import embedded_gguf_folder
+
+    try:
+        embedded_gguf_folder()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    from server.steering.artifact import find_default_artifacts
+
+    loaded = load_model("default")
+    folder = next(f for f in find_default_artifacts(loaded.model_id) if f.name == "truthfulness")
+    return loaded, load_artifact(folder)
+
+
+@pytest.mark.slow
+async def test_fast_decoder_matches_reference_on_the_default_model(real_setup):
+    loaded, artifact = real_setup
+    engine = Engine(Settings(model="default", no_default_artifacts=True, artifacts=[str(artifact.path)]))
+    await engine.start()
+    seen = set()
+    try:
+        for i, question in enumerate(REAL_QUESTIONS * 2):
+            threshold, max_tokens, s = REAL_SETTINGS[i % len(REAL_SETTINGS)]
+            ids = engine.encode_chat([{"role": "user", "content": question}])
+            alpha = artifact.alpha
+            steering = SteeringParams(mode="fasb", threshold=threshold, backtrack_tokens=s, alpha=alpha)
+            fast = await collect(engine, ids, steering, max_tokens=max_tokens)
+            slow = reference_fasb(loaded.model, artifact, ids, max_tokens=max_tokens, eos_ids={2},
+                                  alpha=alpha, threshold=threshold, backtrack_tokens=s,
+                                  num_heads=artifact.num_heads)
+            assert fast.token_ids == slow.tokens, (question, threshold)
+            assert fast.backtracks == slow.backtracks, (question, threshold)
+            for token_index, _ in slow.backtracks:
+                seen.add("before s" if token_index < s else "after s")
+                if token_index == max_tokens:
+                    seen.add("at max_tokens")
+                elif token_index < s:
+                    seen.add("at EOS")  # only the last step is checked before s tokens
+            seen.add(slow.finish_reason)
+    finally:
+        await engine.stop()
+    assert {"before s", "after s", "at max_tokens", "at EOS", "stop", "length"} <= seen, seen
