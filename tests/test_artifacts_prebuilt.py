@@ -2,12 +2,18 @@
 
 from server.steering.artifact import find_default_artifacts, load_artifact
 
+TRUTHFULNESS = ["truthfulness", "truthfulness-qa"]
+MULTIPLE_CHOICE = ["copa", "mmlu", "nli", "winogrande"]  # issue 6: the paper's MC tasks
+
 
 def test_prebuilt_default_artifacts_load():
     folders = find_default_artifacts("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert [f.name for f in folders] == ["truthfulness", "truthfulness-qa"]
+    assert [f.name for f in folders] == sorted(TRUTHFULNESS + MULTIPLE_CHOICE)
     for folder in folders:
         artifact = load_artifact(folder)
         assert artifact.behavior == folder.name
         assert artifact.num_heads == 24 and artifact.head_dim == 64
-        assert artifact.manifest["accuracy"]["ensemble_test"] >= 0.75
+        if folder.name in TRUTHFULNESS:  # the MC tasks' probes are near chance on the 135M model (issue 6 note)
+            assert artifact.manifest["accuracy"]["ensemble_test"] >= 0.75
+        else:
+            assert artifact.manifest["split"]["val_ids"] and artifact.manifest["dataset"]["selection"]

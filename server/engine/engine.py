@@ -31,6 +31,7 @@ from server.steering.policy import BehaviorDefaults, resolve_steering
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
+DEFAULT_BEHAVIOR_NAME = "truthfulness"  # served when a request names none and --default-behavior is unset
 
 
 class GenerationStream:
@@ -135,6 +136,9 @@ class Engine:
             artifacts.append(artifact)
         if not artifacts:
             return
+        # Without --default-behavior the first bank is the default: keep it the product's default
+        # (truthfulness) now that task artifacts (copa, mmlu, nli, ...) sort before it by name.
+        artifacts.sort(key=lambda a: a.behavior != DEFAULT_BEHAVIOR_NAME)
         o_projs = attention_output_projections(loaded.model)
         layers = sorted({int(l) for a in artifacts for l in a.layers.tolist()})
         self._taps = HeadTaps(o_projs, layers).install()
