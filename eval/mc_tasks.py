@@ -5,11 +5,14 @@ For each task: load its artifact (`<artifact-root>/<behaviour>`), rebuild its da
 (max acc, ties: acc_norm, then the smaller alpha / lower threshold — the lighter intervention;
 the first `--val-limit` validation items, default 100, to keep the sweep affordable on a CPU),
 then report baseline / ITI / FASB with those values on the held-out test groups. One table for
-all tasks, plus an "average" row per method; JSON to eval/results/mc_<task>.json.
+all tasks, plus an "average" row per method; JSON to eval/results/mc_<task>.json, and per task to
+eval/results/mc_task_<task>.json, which `--resume` reuses (same settings, same artifact) so a long
+run can be done task by task and still end in one table.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -20,7 +23,7 @@ from eval.mc_scoring import MCScorer
 from eval.mc_tasks_data import load_artifact_dataset, split_groups, task_items
 from eval.mc_tasks_eval import TaskEvaluation, encode_items
 from eval.recommended import write_recommended
-from eval.report import print_table, write_json
+from eval.report import RESULTS_DIR, print_table, write_json
 from server.engine.loader import load_model
 from server.steering.artifact import artifacts_root, check_compatible, load_artifact, model_slug
 
@@ -88,6 +91,27 @@ def _average_rows(results: list[dict]) -> list[dict]:
     return averaged
 
 
+def _settings(args) -> dict:
+    """What a per-task result depends on besides the artifact; --resume reuses a result only if equal."""
+    return {k: getattr(args, k) for k in ("limit", "val_limit", "backtrack_tokens", "model")} | {
+        "alphas": list(args.alphas), "thresholds": list(args.thresholds)}
+
+
+def _task_result(loaded, task: str, args) -> dict:
+    """Run one task, or with --resume reuse its saved result when settings and artifact are unchanged."""
+    path = RESULTS_DIR / f"mc_task_{task}" f"{f'_limit{args.limit}' if args.limit else ''}.json"
+    manifest_path = Path(args.artifact_root) / (args.behavior or TASK_BEHAVIORS.get(task, task)) / "manifest.json"
+    created = json.loads(manifest_path.read_text()).get("created") if manifest_path.is_file() else None
+    if args.resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == _settings(args) and saved.get("artifact_created") == created:
+            log.info("%s: reusing %s (--resume)", task, path)
+            return saved
+    result = run_task(loaded, task, args) | {"settings": _settings(args), "artifact_created": created}
+    write_json(result, path, path.stem)
+    return result
+
+
 def _command() -> str:
     return "python -m eval " + shlex.join(sys.argv[1:])
 
@@ -98,7 +122,7 @@ def run_mc_tasks(args) -> dict:
     if args.artifact_root is None:
         args.artifact_root = str(artifacts_root() / model_slug(loaded.model_id))
     tasks = list(TASK_BEHAVIORS) if args.task == "all" else [args.task]
-    results = [run_task(loaded, task, args) for task in tasks]
+    results = [_task_result(loaded, task, args) for task in tasks]
     table = [row for r in results for row in r["test"]] + (_average_rows(results) if len(results) > 1 else [])
     limit = f", first {args.limit} items per split" if args.limit else ""
     print_table(f"Multiple-choice accuracy on held-out items ({loaded.model_id}{limit})", table, TABLE_COLUMNS)

@@ -30,6 +30,7 @@ def add_mc_parser(benchmarks) -> None:
     p.add_argument("--backtrack-tokens", type=int, default=10)
     p.add_argument("--batch-rows", type=int, default=64, help="options per forward pass")
     p.add_argument("--write-recommended", action="store_true", help="write the chosen values into each manifest")
+    p.add_argument("--resume", action="store_true", help="reuse saved per-task results (same settings and artifact)")
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")

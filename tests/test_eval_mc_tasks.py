@@ -107,7 +107,8 @@ def test_rows_iti_zero_is_baseline_and_fasb_threshold_zero_never_fires(tiny_load
 def test_run_task_sweeps_validation_and_writes_recommended(tiny_loaded, tiny_artifact):
     args = SimpleNamespace(behavior=tiny_artifact.name, artifact_root=str(tiny_artifact.parent),
                            data_root=str(tiny_artifact), limit=None, val_limit=100, alphas=(0.0, 5.0), thresholds=(0.0, 0.6),
-                           backtrack_tokens=10, batch_rows=4, write_recommended=True)
+                           backtrack_tokens=10, batch_rows=4, write_recommended=True, resume=False,
+                           model="tiny")
     result = run_task(tiny_loaded, "tiny", args)
     assert [r["row"] for r in result["test"]] == ["baseline", "ITI", "FASB"]
     assert all(0.0 <= r["acc"] <= 1.0 for r in result["test"])
