@@ -41,7 +41,8 @@ def _item_rows(index: int, item: TaskItem, tokenizer) -> list[OptionRow]:
     # Cached context ends two tokens before the first option token: steering may start at the last
     # prompt token (eval/mc_tasks_steering.py), and the unsteered segment must not be empty.
     context = max(1, min(common_prefix_length(encoded), min(starts) - 2))
-    return [OptionRow(index, k, ScoredSequence(ids, start, context)) for k, (ids, start) in enumerate(zip(encoded, starts))]
+    return [OptionRow(index, k, ScoredSequence(ids, start, context))
+            for k, (ids, start) in enumerate(zip(encoded, starts))]
 
 
 class TaskEvaluation:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from steering_artifacts.datasets import load_dataset
-from steering_artifacts.datasets_mc import MMLU_TEST_DIR, load_mc_dataset, subsample_groups, Item
+from steering_artifacts.datasets_mc import MMLU_TEST_DIR, Item, items_to_examples, load_mc_dataset, subsample_groups
 from steering_artifacts.split import split_by_group
 
 COPA_XML = """<?xml version="1.0" encoding="UTF-8"?>
@@ -99,7 +99,8 @@ def test_winogrande_options_parsed_from_instruction(data_root):
     d = load_dataset("winogrande", data_root / "winogrande")
     assert [e.answer for e in d.examples] == ["Sarah", "Maria", "blanket", "bed"]
     assert d.labels() == [0, 1, 1, 0]
-    assert d.examples[0].question == "Fill in the blank: Sarah was a better surgeon than Maria so _ got the easier cases."
+    sentence = "Sarah was a better surgeon than Maria so _ got the easier cases."
+    assert d.examples[0].question == f"Fill in the blank: {sentence}"
 
 
 def test_subsample_is_seeded_and_keeps_whole_groups(data_root):
@@ -115,8 +116,6 @@ def test_subsample_is_seeded_and_keeps_whole_groups(data_root):
 def test_split_by_item_has_no_leakage(data_root):
     d = load_dataset("copa", data_root / "copa")
     items = [Item(f"copa-{i}", f"premise {i} mirror {m}", ["x", "y"], m) for i in range(20) for m in (0, 1)]
-    from steering_artifacts.datasets_mc import items_to_examples
-
     groups = [e.group for e in items_to_examples(items)]
     split = split_by_group(groups, (0.6, 0.2, 0.2), seed=0)
     parts = [{groups[i] for i in rows} for rows in (split.train, split.val, split.test)]

@@ -10,10 +10,10 @@ from eval.mc_scoring import MCScorer
 from eval.mc_tasks import run_task
 from eval.mc_tasks_data import load_artifact_dataset, split_groups, task_items
 from eval.mc_tasks_eval import TaskEvaluation, encode_items
+from eval.mc_tasks_steering import iti_from_prompt_end
 from server.engine.loader import load_model
 from server.steering.artifact import load_artifact
 from steering_artifacts.cli import main as build_main
-from tests.test_datasets_mc import COPA_XML  # noqa: F401  (the real-format sample lives there)
 
 ITEMS = [
     ("The man dropped the glass. What was the effect of this?", ["It broke.", "It floated away."], 0),
@@ -96,19 +96,18 @@ def test_rows_iti_zero_is_baseline_and_fasb_threshold_zero_never_fires(tiny_load
     assert never["steered_options"] == 0.0 and never["acc"] == base["acc"]
     always = evaluation.fasb(50.0, 1.01, 10)  # every option's last-token check fires
     assert always["steered_options"] == 1.0 and always["mean_strength"] > 0
-    steered = evaluation.scorer.score([r.seq for r in evaluation.rows][:1])
-    assert steered[0].logprob == pytest.approx(evaluation.baseline_scores[0].logprob, abs=1e-5)
-    iti = evaluation.scorer.score([__import__("eval.mc_tasks_steering", fromlist=["x"]).iti_from_prompt_end(
-        evaluation.rows[0].seq, 50.0)])
+    unsteered = evaluation.scorer.score([evaluation.rows[0].seq])
+    assert unsteered[0].logprob == pytest.approx(evaluation.baseline_scores[0].logprob, abs=1e-5)
+    iti = evaluation.scorer.score([iti_from_prompt_end(evaluation.rows[0].seq, 50.0)])
     assert iti[0].logprob != pytest.approx(evaluation.baseline_scores[0].logprob, abs=1e-5)  # first token steered
     evaluation.scorer.close()
 
 
 def test_run_task_sweeps_validation_and_writes_recommended(tiny_loaded, tiny_artifact):
     args = SimpleNamespace(behavior=tiny_artifact.name, artifact_root=str(tiny_artifact.parent),
-                           data_root=str(tiny_artifact), limit=None, val_limit=100, alphas=(0.0, 5.0), thresholds=(0.0, 0.6),
-                           backtrack_tokens=10, batch_rows=4, write_recommended=True, resume=False,
-                           model="tiny")
+                           data_root=str(tiny_artifact), limit=None, val_limit=100, alphas=(0.0, 5.0),
+                           thresholds=(0.0, 0.6), backtrack_tokens=10, batch_rows=4, write_recommended=True,
+                           resume=False, model="tiny")
     result = run_task(tiny_loaded, "tiny", args)
     assert [r["row"] for r in result["test"]] == ["baseline", "ITI", "FASB"]
     assert all(0.0 <= r["acc"] <= 1.0 for r in result["test"])
