@@ -10,7 +10,6 @@ forward pass (DESIGN.md §2 step 3).
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,7 +60,6 @@ class Sequence:
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
     dropped_cols: list[int] = field(default_factory=list)  # cache columns a backtrack freed
     cancelled: bool = False
-    created: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
         self.next_input = self.prompt[-1]
@@ -99,24 +97,26 @@ class Sequence:
         refed, self.refeeding = self.refeeding, False
         if self.phase is Phase.SCORE_LAST:
             self._final_check(score)
-        elif not refed and self._check_fails(score):
-            self._backtrack(score)
-        else:
-            # (A re-fed token is not checked again: checks follow newly generated tokens.)
-            self._accept(token, logprob, score)
+            return
+        # A re-fed token is not checked again: checks follow newly generated tokens.
+        checked = not refed and self._check_due()
+        if checked:
+            self.checks += 1
+            if score < self.steering.threshold:
+                self._backtrack(score)
+                return
+        self._accept(token, logprob, score, checked)
 
-    def _check_fails(self, score: float | None) -> bool:
-        if not self.can_backtrack or score is None or not self.generated:
-            return False
-        if not check_due(len(self.generated), self.steering.backtrack_tokens, final=False):
-            return False
-        self.checks += 1
-        return score < self.steering.threshold
+    def _check_due(self) -> bool:
+        return self.can_backtrack and bool(self.generated) and check_due(
+            len(self.generated), self.steering.backtrack_tokens, final=False
+        )
 
-    def _accept(self, token: int, logprob: TokenLogprob | None, score: float | None) -> None:
+    def _accept(self, token: int, logprob: TokenLogprob | None, score: float | None, checked: bool) -> None:
         if token in self.eos_ids and not self.request.sampling.ignore_eos:
             self.eos_emitted = True
-            self._final_check(score, eos=True)
+            self.finish_reason = "stop"
+            self._final_check(score, already_checked=checked)
             return
         stopped = self.output.append(token, logprob)
         self.generated.append(token)
@@ -131,15 +131,14 @@ class Sequence:
             return
         self.output.release()
 
-    def _final_check(self, score: float | None, eos: bool = False) -> None:
-        """The last step: backtrack if the finished answer scores below the threshold."""
-        if eos:
-            self.finish_reason = "stop"
-        self.checks += int(self.can_backtrack)
-        if self.can_backtrack and score is not None and score < self.steering.threshold:
-            self.eos_emitted = False
-            self._backtrack(score)
-            return
+    def _final_check(self, score: float | None, already_checked: bool = False) -> None:
+        """The last step is always checked: backtrack if the finished answer scores too low."""
+        if self.can_backtrack and not already_checked and score is not None:
+            self.checks += 1
+            if score < self.steering.threshold:
+                self.eos_emitted = False
+                self._backtrack(score)
+                return
         self._finish()
 
     def _backtrack(self, score: float) -> None:
