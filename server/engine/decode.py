@@ -14,7 +14,7 @@ from server.engine.kv_cache import BatchKVCache
 
 def decode_step(model: PreTrainedModel, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One token for every row. input_ids, positions: [B] -> next-token logits [B, V]."""
-    mask = cache.next_column_mask()  # [B, 1, 1, T+1]
+    mask = cache.next_column_mask()  # [B, 1, 1, T+1], or None when every row sees every column
     out = model(
         input_ids=input_ids[:, None],
         position_ids=positions[:, None],

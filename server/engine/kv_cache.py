@@ -44,6 +44,9 @@ class BatchKVCache:
         self.device = device
         self.cache: DynamicCache | None = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=device)  # [B, T]
+        # Whether any row has an invalid column; tracked on the host so that no step needs a
+        # device sync to find out. Conservative: it may stay True after the holes are gone.
+        self._holes = False
 
     @property
     def batch_size(self) -> int:
@@ -73,6 +76,8 @@ class BatchKVCache:
             ])
         self.valid = torch.cat([_left_pad_mask(self.valid, width), _left_pad_mask(rows_valid.to(self.device), width)])
         lengths = rows_valid.sum(dim=1).tolist()
+        was_empty = self.batch_size == rows_valid.shape[0]
+        self._holes = (self._holes and not was_empty) or shift > 0 or any(n < width for n in lengths)
         return [list(range(width - n, width)) for n in lengths], shift
 
     def _merge(self, old, new, j: int, n_new: int, width: int) -> torch.Tensor:
@@ -88,23 +93,25 @@ class BatchKVCache:
         if not keep:
             self.cache = None
             self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+            self._holes = False
             return
         index = torch.tensor(keep, device=self.device)
         if self.cache is not None:
             self.cache.batch_select_indices(index)
         self.valid = self.valid.index_select(0, index)
 
-    def next_column_mask(self) -> torch.Tensor:
-        """Grow `valid` by the column the coming step writes; return the 4D attention mask."""
+    def next_column_mask(self) -> torch.Tensor | None:
+        """Grow `valid` by the column the coming step writes; return the 4D attention mask, or
+        None when there are no holes (sdpa then takes its unmasked, faster kernel)."""
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.batch_size, 1)], dim=1)
+        if not self._holes:
+            return None
         return self.valid[:, None, None, :]  # [B, 1, 1, T+1]: row b attends where True
 
     def invalidate(self, row: int, columns: list[int]) -> None:
         if columns:
             self.valid[row, torch.tensor(columns, device=self.device)] = False
-
-    def holes(self) -> int:
-        return self.width * self.batch_size - int(self.valid.sum())
+            self._holes = True
 
     def compact(self, row_columns: list[list[int]]) -> list[list[int]]:
         """Squeeze out invalid columns: each row's valid columns (in order) end right-aligned.
@@ -121,6 +128,7 @@ class BatchKVCache:
             valid[b, start:] = True
             new_columns.append(list(range(start, width)))
         index, self.valid = index.to(self.device), valid.to(self.device)
+        self._holes = any(len(cols) < width for cols in row_columns)
         if self.cache is not None:
             kv = []
             for k, v in _layers_kv(self.cache):
