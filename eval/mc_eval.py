@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from eval.mc_metrics import mean_metrics, question_metrics
 from eval.mc_scoring import MCScorer, ScoredSequence, SequenceScore
-from eval.mc_steering import fasb_sequence, fasb_trigger, iti_sequence
+from eval.mc_steering import fasb_sequence, iti_sequence, rescore_fired
 from eval.prompts import ANSWER_MARK, answer_prompt, answer_start, common_prefix_length, question_prompt
 from eval.truthfulqa_data import Question
 
@@ -59,16 +59,13 @@ class MCEvaluation:
     def fasb(self, alpha: float, threshold: float, backtrack_tokens: int) -> dict:
         """Only answers whose monitor check fires are re-scored; the rest keep the unsteered score."""
         start = time.perf_counter()
-        triggers = [fasb_trigger(s.answer_probs, threshold, backtrack_tokens) for s in self.baseline_scores]
-        fired = [k for k, t in enumerate(triggers) if t is not None]
-        steered = [fasb_sequence(self.items[k].seq, triggers[k], alpha, backtrack_tokens) for k in fired]
-        rescored = self.scorer.score(steered, desc=f"FASB alpha {alpha:g} thr {threshold:g}") if steered else []
-        scores = list(self.baseline_scores)
-        for k, score in zip(fired, rescored):
-            scores[k] = score
+        scores, steered = rescore_fired(
+            self.scorer, self.baseline_scores, [i.seq for i in self.items],
+            lambda seq, trigger: fasb_sequence(seq, trigger, alpha, backtrack_tokens),
+            threshold, backtrack_tokens, desc=f"FASB alpha {alpha:g} thr {threshold:g}")
         strengths = [s.strength for s in steered]
         return {"row": "FASB", "alpha": alpha, "threshold": threshold, "backtrack_tokens": backtrack_tokens,
-                **self._metrics(scores), "steered_answers": len(fired) / len(self.items),
+                **self._metrics(scores), "steered_answers": len(steered) / len(self.items),
                 "mean_strength": sum(strengths) / len(strengths) if strengths else 0.0,
                 "seconds": round(time.perf_counter() - start, 1)}
 

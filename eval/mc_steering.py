@@ -47,3 +47,19 @@ def fasb_sequence(seq: ScoredSequence, trigger: Trigger, alpha: float, backtrack
     kept = trigger.index - tokens_to_drop(trigger.index, backtrack_tokens)
     strength = steering_strength(trigger.probe_score, alpha, adaptive=True)
     return replace(seq, steer_from=seq.answer_start + kept, strength=strength)
+
+
+def rescore_fired(scorer, baseline: list, seqs: list[ScoredSequence], make_steered, threshold: float,
+                  backtrack_tokens: int, desc: str | None = None) -> tuple[list, list[ScoredSequence]]:
+    """FASB scoring: re-score with steering only the sequences whose monitor check fires; the rest
+    keep their unsteered score. `make_steered(seq, trigger)` builds the steered sequence.
+    Returns (scores, the steered sequences)."""
+    triggers = [fasb_trigger(s.answer_probs, threshold, backtrack_tokens) for s in baseline]
+    fired = [k for k, t in enumerate(triggers) if t is not None]
+    steered = [make_steered(seqs[k], triggers[k]) for k in fired]
+    scores = list(baseline)
+    if steered:
+        rescored = scorer.score(steered, desc=desc) if desc else scorer.score(steered)
+        for k, score in zip(fired, rescored):
+            scores[k] = score
+    return scores, steered

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from eval.mc_scoring import MCScorer, ScoredSequence, SequenceScore
-from eval.mc_steering import fasb_trigger
+from eval.mc_steering import rescore_fired
 from eval.mc_tasks_data import TaskItem
 from eval.mc_tasks_steering import fasb_from_last_kept, iti_from_prompt_end
 from eval.prompts import answer_start, common_prefix_length
@@ -66,15 +66,13 @@ class TaskEvaluation:
     def fasb(self, alpha: float, threshold: float, backtrack_tokens: int) -> dict:
         """Options whose monitor check fires are re-scored with steering; the rest keep their score."""
         start = time.perf_counter()
-        triggers = [fasb_trigger(s.answer_probs, threshold, backtrack_tokens) for s in self.baseline_scores]
-        fired = [k for k, t in enumerate(triggers) if t is not None]
-        steered = [fasb_from_last_kept(self.rows[k].seq, triggers[k], alpha, backtrack_tokens) for k in fired]
-        scores = list(self.baseline_scores)
-        for k, score in zip(fired, self.scorer.score(steered) if steered else []):
-            scores[k] = score
+        scores, steered = rescore_fired(
+            self.scorer, self.baseline_scores, [r.seq for r in self.rows],
+            lambda seq, trigger: fasb_from_last_kept(seq, trigger, alpha, backtrack_tokens),
+            threshold, backtrack_tokens)
         strengths = [s.strength for s in steered]
         return {"row": "FASB", "alpha": alpha, "threshold": threshold, "backtrack_tokens": backtrack_tokens,
-                **self._accuracy(scores), "steered_options": len(fired) / len(self.rows),
+                **self._accuracy(scores), "steered_options": len(steered) / len(self.rows),
                 "mean_strength": sum(strengths) / len(strengths) if strengths else 0.0,
                 "seconds": round(time.perf_counter() - start, 1)}
 
