@@ -127,3 +127,41 @@ async def test_queue_full_is_reported(tiny_model_dir):
         first.cancel()
     finally:
         await engine.stop()
+
+
+async def test_model_loads_and_decodes_on_one_worker_thread(tiny_model_dir, monkeypatch):
+    # One thread runs all torch work: a second OpenMP team in the process slows decoding ~30% on CPU.
+    import threading
+
+    import server.engine.engine as engine_module
+    from server.engine.batch import Batch
+
+    threads: dict[str, str] = {}
+    real_load, real_step = engine_module.load_model, Batch.step
+
+    def load(*args, **kwargs):
+        threads["load"] = threading.current_thread().name
+        return real_load(*args, **kwargs)
+
+    def step(self):
+        threads["step"] = threading.current_thread().name
+        return real_step(self)
+
+    monkeypatch.setattr(engine_module, "load_model", load)
+    monkeypatch.setattr(Batch, "step", step)
+    engine = Engine(Settings(model=str(tiny_model_dir), max_batch_size=1))
+    await engine.start()
+    try:
+        await collect(engine, [5, 6], max_tokens=2)
+    finally:
+        await engine.stop()
+    assert threads["load"] == threads["step"] == "fasb-decode"
+    assert threading.current_thread().name != "fasb-decode"
+
+
+async def test_load_failure_reaches_start(tmp_path):
+    engine = Engine(Settings(model=str(tmp_path / "no-such-model")))
+    with pytest.raises(FileNotFoundError, match="no-such-model does not exist"):
+        await engine.start()
+    assert not engine.ready
+    await engine.stop()  # nothing running: returns at once

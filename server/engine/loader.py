@@ -108,6 +108,18 @@ def converted_default_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def _local_folder_or_hub_id(model: str) -> str:
+    """`model` as given; a path that names no folder is refused here, with its name, rather than by
+    the hub client's "Repo id must be in the form ..." message."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    if looks_like_path:
+        raise FileNotFoundError(f"model folder {model} does not exist (give a folder with config.json, or a hub id)")
+    return model
+
+
 def load_model(
     model: str = DEFAULT_MODEL_ALIAS,
     device: str = "auto",
@@ -122,7 +134,7 @@ def load_model(
         source: str | Path = converted_default_model(Path(cache_dir) if cache_dir else None)
         model_id = DEFAULT_MODEL_ID
     else:
-        source = model
+        source = _local_folder_or_hub_id(model)
         model_id = model.rstrip("/")
     tokenizer = AutoTokenizer.from_pretrained(source)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=_HOOKABLE_ATTENTION)
