@@ -68,7 +68,7 @@ class LevelRun:
 # the two sides
 
 
-def request_body(model: str, prompt: str, tokens: int) -> dict:
+def request_body(model: str, prompt: str, tokens: int, steering: str = "off") -> dict:
     return {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -76,12 +76,14 @@ def request_body(model: str, prompt: str, tokens: int) -> dict:
         "temperature": 0,
         "ignore_eos": True,  # fasb-server extension: exactly max_tokens tokens
         "stream_options": {"include_usage": True},
-        "steering": {"mode": "off"},  # and no `hold` buffering of the newest tokens
+        # `retract`: text is sent as soon as it is decoded (`hold` would delay it by s tokens)
+        "steering": {"mode": steering} if steering == "off" else {"mode": steering, "stream_mode": "retract"},
     }
 
 
 async def server_level(client: httpx.AsyncClient, model: str, streams: int, args) -> LevelRun:
-    bodies = [request_body(model, args.prompts[i % len(args.prompts)], args.tokens) for i in range(streams)]
+    bodies = [request_body(model, args.prompts[i % len(args.prompts)], args.tokens, args.steering)
+              for i in range(streams)]
     records: list[StreamRecord] = await asyncio.gather(*(astream_chat(client, b) for b in bodies))
     start, end = min(r.sent for r in records), max(r.finished for r in records)
     return LevelRun(
@@ -233,8 +235,9 @@ def run(args) -> int:
     srv = {n: summary(r) for n, r in srv_runs.items()}
     gen = {n: summary(r) for n, r in gen_runs.items()}
     print(f"\nmodel {args.model} | {len(args.prompts)} prompts, {args.tokens} new tokens per stream, greedy, "
-          f"ignore_eos | server --max-batch-size {args.max_batch_size}, HTTP streaming | generate: left-padded "
-          f"batch | tok/s: median of {args.runs} runs; latencies: percentiles of all samples | {host_info()}\n")
+          f"ignore_eos | server --max-batch-size {args.max_batch_size}, steering {args.steering}, HTTP streaming | "
+          f"generate: left-padded batch | tok/s: median of {args.runs} runs; latencies: percentiles of all "
+          f"samples | {host_info()}\n")
     print(table(srv, gen))
     print("\nITL = gap between content chunks of one stream (generate: between decode steps); TTFT includes "
           "HTTP and queueing on the server side, prefill of the whole batch on the generate side.\n")
@@ -263,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--prompt", dest="prompts", action="append", default=None,
                    help="a prompt (repeat for several; default: 4 built-in prompts of different lengths)")
+    p.add_argument("--steering", default="off", choices=["off", "monitor", "fasb", "always"],
+                   help="every request's steering mode (the model's default behaviour and its defaults; "
+                        "stream_mode retract); the generate anchor is never steered")
     p.add_argument("--no-default-artifacts", action="store_true",
                    help="start the server without its prebuilt steering artifacts (no head hooks)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads on both sides (default: torch's)")
@@ -274,6 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.levels = sorted(set(args.levels))
     if args.runs < 1 or args.tokens < 2 or max(args.levels) > args.max_batch_size:
         p.error("need --runs >= 1, --tokens >= 2 and levels <= --max-batch-size")
+    if args.steering != "off" and args.no_default_artifacts:
+        p.error("--steering needs the model's artifacts (drop --no-default-artifacts)")
     return args
 
 

@@ -32,7 +32,7 @@ class _Hooks:
         self.captured: dict[int, torch.Tensor] = {}
         o_projs = attention_output_projections(model)
         layers = sorted(set(artifact.layers[:num_heads].tolist()))
-        self.handles = [o_projs[l].register_forward_pre_hook(self._hook(l)) for l in layers]
+        self.handles = [o_projs[layer].register_forward_pre_hook(self._hook(layer)) for layer in layers]
 
     def _hook(self, layer: int):
         def hook(module, args):

@@ -40,7 +40,8 @@ def build_sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
     # ASCII-only training text, so every non-ASCII character falls back to byte tokens.
-    bpe.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France!"] * 4, trainer)
+    texts = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France!"] * 4
+    bpe.train_from_iterator(texts, trainer)
     spec = json.loads(bpe.to_str())
     # Byte tokens must be ordinary vocabulary entries for byte fallback, not added tokens.
     spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith("<0x")]

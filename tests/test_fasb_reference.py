@@ -40,8 +40,9 @@ async def test_fast_decoder_matches_reference(tiny_engine, tiny_setup):
         ids = tiny_engine.encode_chat([{"role": "user", "content": prompt}])
         steering = SteeringParams(mode="fasb", threshold=threshold, alpha=4.0, backtrack_tokens=4)
         fast = await collect(tiny_engine, ids, steering, max_tokens=max_tokens)
-        slow = reference_fasb(loaded.model, artifact, ids, max_tokens=max_tokens, eos_ids={loaded.tokenizer.eos_token_id},
-                              alpha=4.0, threshold=threshold, backtrack_tokens=4, num_heads=4)
+        slow = reference_fasb(loaded.model, artifact, ids, max_tokens=max_tokens,
+                              eos_ids={loaded.tokenizer.eos_token_id}, alpha=4.0, threshold=threshold,
+                              backtrack_tokens=4, num_heads=4)
         assert fast.token_ids == slow.tokens, (prompt, threshold)
         assert fast.backtracks == slow.backtracks, (prompt, threshold)
         outcomes.update(("early" if t < 4 else "late") for t, _ in slow.backtracks)

@@ -70,7 +70,9 @@ def test_greedy_rows_stay_argmax_in_a_mixed_batch():
         assert ids[[0, 2]].tolist() == logits.argmax(dim=-1)[[0, 2]].tolist()
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.7, top_k=1), SamplingParams(temperature=1.7, top_p=1e-6)])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.7, top_k=1), SamplingParams(temperature=1.7, top_p=1e-6)]
+)
 def test_top_k_1_and_tiny_top_p_equal_greedy(params):
     logits = random_logits(8, seed=3)
     st = tensors(*[params] * 8)

@@ -12,7 +12,9 @@ from transformers import DynamicCache, PreTrainedModel
 from server.engine.kv_cache import BatchKVCache
 
 
-def decode_step(model: PreTrainedModel, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def decode_step(
+    model: PreTrainedModel, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """One token for every row. input_ids, positions: [B] -> next-token logits [B, V]."""
     mask = cache.next_column_mask()  # [B, 1, 1, T+1], or None when every row sees every column
     out = model(

@@ -168,7 +168,7 @@ class Engine:
         # (truthfulness) now that task artifacts (copa, mmlu, nli, ...) sort before it by name.
         artifacts.sort(key=lambda a: a.behavior != DEFAULT_BEHAVIOR_NAME)
         o_projs = attention_output_projections(loaded.model)
-        layers = sorted({int(l) for a in artifacts for l in a.layers.tolist()})
+        layers = sorted({int(layer) for a in artifacts for layer in a.layers.tolist()})
         self._taps = HeadTaps(o_projs, layers).install()
         for artifact in artifacts:
             self._banks[artifact.behavior] = BehaviorBank(artifact, o_projs, layers)

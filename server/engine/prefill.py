@@ -29,7 +29,9 @@ class PrefillGroup:
                 self.input_ids[row, self.width - len(context) :] = torch.tensor(context)
                 self.valid[row, self.width - len(context) :] = True
         self.positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)  # [n, W]: 0 at each first real token
-        self.input_ids, self.valid, self.positions = (t.to(device) for t in (self.input_ids, self.valid, self.positions))
+        self.input_ids, self.valid, self.positions = (
+            t.to(device) for t in (self.input_ids, self.valid, self.positions)
+        )
         self.cache: DynamicCache | None = None
         self.done = 0  # columns prefilled so far
 

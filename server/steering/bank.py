@@ -45,7 +45,7 @@ class BehaviorBank:
         self.head_dim = artifact.head_dim
         slot_of = {layer: i for i, layer in enumerate(tap_layers)}
         self.layers = artifact.layers.tolist()
-        self.tap_slots = torch.tensor([slot_of[l] for l in self.layers], device=self.device)
+        self.tap_slots = torch.tensor([slot_of[layer] for layer in self.layers], device=self.device)
         self.heads = artifact.heads.to(self.device)
         self.weight = artifact.probe_weight.float().to(self.device)  # [K, D]
         self.bias = artifact.probe_bias.float().to(self.device)  # [K]
