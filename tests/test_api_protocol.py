@@ -67,6 +67,10 @@ def rejected_param(model: type, body: dict) -> str | None:
         ({"steering": {"mode": "sometimes"}}, "steering.mode"),
         ({"steering": {"stream_mode": "later"}}, "steering.stream_mode"),
         ({"steering": "fasb"}, "steering"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"messages": [{"role": "user", "content": "a \ud800 b"}]}, "messages.0.content.0.text"),
+        ({"stop": ["\udc00"]}, "stop.0"),
     ],
 )
 def test_chat_request_rejects_with_the_field_path(fields, param):
@@ -149,6 +153,8 @@ def test_completion_prompt_forms(prompt, expected):
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 2}, "best_of"),
         ({"logprobs": 6}, "logprobs"),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"prompt": ["\udfff"]}, "prompt"),
     ],
 )
 def test_completion_request_rejects(fields, param):

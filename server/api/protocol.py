@@ -10,7 +10,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from server.engine.types import (
     BehaviorInfo,
@@ -80,9 +89,23 @@ class SteeringRequest(RequestModel):
         return SteeringParams(**self.model_dump())
 
 
+def _valid_unicode(text: str) -> str:
+    # JSON can carry a lone surrogate ("\ud800"), which no tokenizer can encode: say so here
+    # rather than let the tokenizer fail with its own message.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(f"not valid Unicode: unpaired surrogate {bad!r} at character {exc.start}") from None
+    return text
+
+
+UnicodeText = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 class TextContentPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: UnicodeText
 
 
 class RequestMessage(RequestModel):
@@ -111,7 +134,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-StopSequence = Annotated[str, Field(min_length=1)]
+StopSequence = Annotated[UnicodeText, Field(min_length=1)]
 
 
 class GenerationRequestFields(RequestModel):
@@ -123,7 +146,7 @@ class GenerationRequestFields(RequestModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     max_tokens: int | None = Field(None, ge=1)
     stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -228,9 +251,9 @@ class CompletionRequest(GenerationRequestFields):
     @classmethod
     def _single_prompt(cls, value: Any) -> Any:
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-            return value[0]
+            return _valid_unicode(value[0])
         if isinstance(value, str):
-            return value
+            return _valid_unicode(value)
         if isinstance(value, list) and value and all(type(t) is int for t in value):
             return value
         if isinstance(value, list) and len(value) > 1 and all(isinstance(t, str) for t in value):

@@ -263,7 +263,7 @@ class Engine:
         if seed is None:
             return None
         gen = torch.Generator(device=self._loaded.device)
-        gen.manual_seed(seed)
+        gen.manual_seed(seed % 2**64)  # torch takes [0, 2**64); n choices use seed + i, which may pass 2**63
         return gen
 
     def _emitter(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, request: GenerationRequest):

@@ -88,6 +88,21 @@ async def test_seed_makes_sampling_repeatable(sdk, tiny_server):
     assert 0 < several.usage.completion_tokens <= 2 * 12
 
 
+@pytest.mark.parametrize("seed", [-5, 2**63 - 1])  # the edges of OpenAI's 64-bit seed; n=2 runs seed + 1
+async def test_any_64_bit_seed_is_served(sdk, tiny_server, seed):
+    params = {"model": tiny_server.model, "messages": QUESTION, "max_tokens": 4, "temperature": 1.0, "seed": seed}
+    answer = await sdk.chat.completions.create(**params, n=2)
+    assert len(answer.choices) == 2
+
+
+async def test_retrieve_model_by_id(sdk, tiny_server):
+    card = await sdk.models.retrieve(tiny_server.model)
+    assert card.id == tiny_server.model
+    with pytest.raises(openai.NotFoundError) as err:
+        await sdk.models.retrieve("not-served/model")
+    assert err.value.body["code"] == "model_not_found"
+
+
 BAD_REQUESTS = [
     # (fields besides `model`, or the raw body, status, param)
     (b"{oops", 400, None),
@@ -103,6 +118,7 @@ BAD_REQUESTS = [
     ({"messages": QUESTION, "n": 9}, 400, "n"),
     ({"messages": QUESTION, "steering": {"mode": "fasb", "strength": 3}}, 400, "steering.strength"),
     ({"messages": QUESTION, "steering": {"threshold": 2}}, 400, "steering.threshold"),
+    ({"messages": QUESTION, "seed": 2**70}, 400, "seed"),  # beyond 64 bits (was a 500)
 ]
 
 
