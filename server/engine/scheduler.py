@@ -100,6 +100,8 @@ class Scheduler:
             newcomers = self.queue.take(self.max_batch_size - len(self.batch), block=idle)
             if newcomers:
                 self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id)
+                log.debug("prefilling %d newcomers (%d columns) beside %d running rows",
+                          len(newcomers), self._group.width, len(self.batch))
         if self._group is not None:
             self._prefill_chunk()
         if self.batch.rows:
