@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=1, description="requests waiting or running before new ones get 429")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="prompt tokens prefilled per step (newcomers together): the longest pause of "
+        "running streams when requests arrive; smaller pauses less, but first tokens come later"
+    )
 
     # steering (None: the artifact's manifest decides)
     artifacts: list[str] = Field(default_factory=list, description="extra artifact folders to load")

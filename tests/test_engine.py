@@ -165,3 +165,22 @@ async def test_load_failure_reaches_start(tmp_path):
         await engine.start()
     assert not engine.ready
     await engine.stop()  # nothing running: returns at once
+
+
+async def test_small_prefill_chunks_give_the_same_tokens(tiny_model_dir):
+    # --prefill-chunk-tokens 16: a burst of prompts is prefilled over many iterations, interleaved
+    # with decode steps of the rows already running; every row's greedy tokens stay the same.
+    engine = Engine(Settings(model=str(tiny_model_dir), max_batch_size=8, prefill_chunk_tokens=16))
+    await engine.start()
+    try:
+        prompts = [chat(engine, text * 3) for text in PROMPTS]
+        model = engine._loaded.model
+        together = await asyncio.gather(*(collect(engine, ids, request_id=str(i), max_tokens=12)
+                                          for i, ids in enumerate(prompts)))
+        for ids, ours in zip(prompts, together):
+            hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+            eos = engine._loaded.tokenizer.eos_token_id
+            assert ours.token_ids == (hf[: hf.index(eos)] if eos in hf else hf)
+    finally:
+        await engine.stop()

@@ -143,7 +143,9 @@ class Engine:
             self.model_name, loaded.device, str(loaded.dtype).removeprefix("torch."), self.max_model_len,
             ", ".join(self._banks) or "none",
         )
-        return Scheduler(batch, self._queue, s.max_batch_size, pad_id, on_step=self._report_queue)
+        return Scheduler(
+            batch, self._queue, s.max_batch_size, pad_id, s.prefill_chunk_tokens, on_step=self._report_queue
+        )
 
     async def stop(self) -> None:
         self._queue.close()

@@ -23,8 +23,6 @@ from server.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 512  # prompt tokens (all newcomers together) per worker iteration
-
 
 class RequestQueue:
     def __init__(self, max_queue: int):
@@ -77,10 +75,12 @@ class RequestQueue:
 
 
 class Scheduler:
-    def __init__(self, batch: Batch, queue: RequestQueue, max_batch_size: int, pad_id: int, on_step=None):
+    def __init__(self, batch: Batch, queue: RequestQueue, max_batch_size: int, pad_id: int,
+                 prefill_chunk_tokens: int = 512, on_step=None):
         self.batch = batch
         self.queue = queue
         self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # prompt tokens, all newcomers together, per iteration
         self.pad_id = pad_id
         self._group: PrefillGroup | None = None  # newcomers being prefilled
         self._on_step = on_step or (lambda: None)
@@ -115,7 +115,7 @@ class Scheduler:
         group = self._group
         if not group.finished:
             with self.batch.taps.paused() if self.batch.taps else nullcontext():
-                group.run_chunk(self.batch.model, PREFILL_TOKENS)
+                group.run_chunk(self.batch.model, self.prefill_chunk_tokens)
         if group.finished:
             self.batch.add_group(group)
             self._group = None
