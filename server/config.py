@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -64,4 +64,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         else:
             parser.add_argument(flag, default=None, help=field.description)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:  # a usage error, not a traceback: name each bad flag (or FASB_ variable)
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
