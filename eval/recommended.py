@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.report import print_table, write_json
 from server.steering.artifact import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -42,3 +43,23 @@ def row_values(args, manifest: dict) -> RowValues:
         backtrack_tokens=int(pick(args.backtrack_tokens, "backtrack_tokens")),
         iti_alpha=float(pick(args.iti_alpha, "iti_alpha", rec["alpha"])),
     )
+
+
+def finish_sweep(args, info: dict, rows: tuple[dict, list[dict], list[dict]], best, kind: str, rule: str,
+                 columns: list[str], name: str) -> dict:
+    """Shared end of every sweep: print the grid and the choice (`best` over the ITI and the FASB rows),
+    write the choice into the manifest when --write-recommended, save everything as JSON."""
+    baseline, iti_rows, fasb_rows = rows
+    best_fasb, best_iti = best(fasb_rows), best(iti_rows)
+    print_table(f"{kind} sweep, {info['questions']} {args.split} questions", [baseline, *iti_rows, *fasb_rows], columns)
+    print_table(f"chosen ({rule})", [best_iti, best_fasb], columns)
+    payload = {**info, "baseline": baseline, "iti": iti_rows, "fasb": fasb_rows,
+               "chosen": {"fasb": best_fasb, "iti": best_iti}}
+    if args.write_recommended:
+        write_recommended(args.artifact, {
+            "alpha": best_fasb["alpha"], "threshold": best_fasb["threshold"], "backtrack_tokens": args.backtrack_tokens,
+            "iti_alpha": best_iti["alpha"],
+            "chosen_by": f"eval {kind} sweep on {info['questions']} validation questions ({rule}): {info['command']}",
+        })
+    write_json(payload, args.out, name)
+    return payload

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from eval.generation import Generated, generate, start_engine, stop_engine
 from eval.judge import MiniLMEmbedder, embed_references, is_uninformative, judge_answers
-from eval.recommended import row_values, write_recommended
+from eval.recommended import finish_sweep, row_values
 from eval.report import print_table, write_json
 from eval.truthfulqa_data import Question, load_questions, split_ids
 from server.engine.types import SteeringParams
@@ -119,18 +119,6 @@ def run_gen_sweep(args) -> dict:
                      for a in args.alphas for t in args.thresholds]
     finally:
         run.close()
-    best_fasb, best_iti = _best(fasb_rows), _best(iti_rows)
-    print_table(f"generation sweep, {run.info['questions']} {args.split} questions", [baseline, *iti_rows, *fasb_rows],
-                GEN_COLUMNS)
-    print_table("chosen (max true-and-informative, tie-break truthful)", [best_iti, best_fasb], GEN_COLUMNS)
-    payload = {**run.info, "baseline": baseline, "iti": iti_rows, "fasb": fasb_rows,
-               "chosen": {"fasb": best_fasb, "iti": best_iti}}
-    if args.write_recommended:
-        write_recommended(args.artifact, {
-            "alpha": best_fasb["alpha"], "threshold": best_fasb["threshold"], "backtrack_tokens": args.backtrack_tokens,
-            "iti_alpha": best_iti["alpha"],
-            "chosen_by": f"eval generation sweep on {run.info['questions']} validation questions, embedding judge "
-                         f"(max true-and-informative, tie-break truthful): {run.info['command']}",
-        })
-    write_json(payload, args.out, f"truthfulqa_gen_sweep_{args.split}")
-    return payload
+    return finish_sweep(args, run.info, (baseline, iti_rows, fasb_rows), _best, "generation",
+                        "embedding judge, max true-and-informative, tie-break truthful", GEN_COLUMNS,
+                        f"truthfulqa_gen_sweep_{args.split}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from eval.mc_eval import MCEvaluation, build_items
 from eval.mc_scoring import MCScorer
-from eval.recommended import row_values, write_recommended
+from eval.recommended import finish_sweep, row_values
 from eval.report import print_table, write_json
 from eval.runtime import load_model_and_artifact
 from eval.truthfulqa_data import load_primer, load_questions, split_ids
@@ -60,17 +60,5 @@ def run_mc_sweep(args) -> dict:
     baseline = evaluation.baseline()
     iti_rows = [evaluation.iti(a) for a in args.iti_alphas]
     fasb_rows = [evaluation.fasb(a, t, args.backtrack_tokens) for a in args.alphas for t in args.thresholds]
-    best_fasb, best_iti = best_row(fasb_rows), best_row(iti_rows)
-    print_table(f"MC sweep, {info['questions']} {args.split} questions", [baseline, *iti_rows, *fasb_rows], MC_COLUMNS)
-    print_table("chosen (max MC2, tie-break MC1)", [best_iti, best_fasb], MC_COLUMNS)
-    payload = {**info, "baseline": baseline, "iti": iti_rows, "fasb": fasb_rows,
-               "chosen": {"fasb": best_fasb, "iti": best_iti}}
-    if args.write_recommended:
-        write_recommended(args.artifact, {
-            "alpha": best_fasb["alpha"], "threshold": best_fasb["threshold"], "backtrack_tokens": args.backtrack_tokens,
-            "iti_alpha": best_iti["alpha"],
-            "chosen_by": f"eval MC sweep on {info['questions']} validation questions (max MC2, tie-break MC1): "
-                         f"{info['command']}",
-        })
-    write_json(payload, args.out, f"truthfulqa_mc_sweep_{args.split}")
-    return payload
+    return finish_sweep(args, info, (baseline, iti_rows, fasb_rows), best_row, "MC", "max MC2, tie-break MC1",
+                        MC_COLUMNS, f"truthfulqa_mc_sweep_{args.split}")

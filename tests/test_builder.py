@@ -39,13 +39,7 @@ def examples() -> list[dict]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model forwards are all overhead: on a shared CPU, two spinning threads make them ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
