@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: str | None = Field(None, description="where converted weights are cached (default ~/.cache/fasb-server)")
     max_model_len: int | None = Field(None, ge=16, description="context limit; default: the model's")
+    runner: Literal["hf", "static"] = Field(
+        "hf", description="decode loop: hf (transformers forward, growing cache) or static (preallocated "
+        "slot cache, one compiled step; its cache is max-batch-size x max-model-len positions)"
+    )
+    compile: bool = Field(True, description="static runner: compile the decode step with torch.compile at start")
 
     # http
     host: str = "127.0.0.1"
@@ -55,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(prog="fasb-server", description="OpenAI-compatible server with FASB steering")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
+        if field.annotation is bool and field.default is True:  # --compile / --no-compile
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        elif field.annotation is bool:
             parser.add_argument(flag, action="store_true", default=None, help=field.description)
         elif name == "artifacts":
             parser.add_argument("--artifact", dest=name, action="append", default=None, help=field.description)

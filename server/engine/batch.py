@@ -1,36 +1,31 @@
-"""The running batch: rows, their shared KV cache, and the per-row tensors a step needs.
+"""The running batch: rows, the runner that decodes them, and the per-row tensors a step needs.
 
 Per-row tensors (sampling parameters, steering vectors, probe head weights) change only when a
-row joins, leaves or backtracks, so they are rebuilt then (`_dirty`), never per token.
+row joins, leaves or backtracks, so they are rebuilt then (`_dirty`), never per token. The runner
+(server/engine/runner.py) owns the KV cache and the forward pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-from server.engine.decode import decode_step
 from server.engine.detokenizer import token_bytes, token_text
-from server.engine.kv_cache import BatchKVCache
 from server.engine.prefill import PrefillGroup
+from server.engine.runner import Runner
 from server.engine.sampling import SamplingTensors, compute_logprobs, sample
 from server.engine.sequence import Phase, Sequence
 from server.engine.types import TokenLogprob
 from server.steering.bank import BehaviorBank, head_weights
-from server.steering.taps import HeadTaps
-
-# Squeeze holes (left padding, backtracked columns) out of the cache once it is this much wider
-# than the longest row needs.
-_COMPACT_SLACK = 64
 
 
 class Batch:
-    def __init__(self, model, tokenizer, taps: HeadTaps | None, banks: dict[str, BehaviorBank]):
-        self.model = model
+    def __init__(self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank]):
+        self.runner = runner
+        self.model = runner.model  # the scheduler prefills with it
+        self.taps = runner.taps
         self.tokenizer = tokenizer
-        self.taps = taps
         self.banks = banks
         self.rows: list[Sequence] = []
-        self.cache = BatchKVCache(model.device)
         self._dirty = True
         self._sampling: SamplingTensors | None = None
         self._probe_weights: dict[str, torch.Tensor] = {}
@@ -40,7 +35,7 @@ class Batch:
 
     def add_group(self, group: PrefillGroup) -> None:
         """Join prefilled newcomers; they decode from the next step on."""
-        columns, shift = self.cache.add_rows(group.cache, group.valid)
+        columns, shift = self.runner.add_group(group)
         if shift:
             for row in self.rows:
                 row.cols = [c + shift for c in row.cols]
@@ -54,48 +49,47 @@ class Batch:
         done = [r for r in self.rows if r.phase is Phase.DONE or r.cancelled]
         if done:
             keep = [i for i, r in enumerate(self.rows) if not (r.phase is Phase.DONE or r.cancelled)]
-            self.cache.remove_rows(keep)
+            self.runner.remove_rows(keep)
             self.rows = [self.rows[i] for i in keep]
             self._dirty = True
-            self._maybe_compact()
+            self.runner.tidy(self.rows)
         return done
 
     def step(self) -> None:
         """Decode one token for every row, then let each row apply it (accept, check, backtrack)."""
         if self._dirty:
             self._rebuild()
-        device = self.model.device
-        input_ids = torch.tensor([r.next_input for r in self.rows], device=device)
-        positions = torch.tensor([r.next_pos for r in self.rows], device=device)
-        column = self.cache.width  # the column this step writes
-        logits = decode_step(self.model, self.cache, input_ids, positions)
-        scores = self._probe_scores()
+        positions = [r.next_pos for r in self.rows]
+        columns = self.runner.columns(positions)  # the cache column each row's step writes
+        logits, captured = self.runner.decode([r.next_input for r in self.rows], positions)
+        scores = self._probe_scores(captured)
         tokens = sample(logits, self._sampling, [r.generator for r in self.rows])
         logprobs = self._logprobs(logits, tokens)
         tokens_cpu, scores_cpu = _to_host(tokens, scores)
         backtracked = False
         for b, row in enumerate(self.rows):
             strength = row.strength
-            row.advance(column, scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
+            row.advance(columns[b], scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
             if row.dropped_cols:
-                self.cache.invalidate(b, row.dropped_cols)
+                self.runner.truncate(b, row.dropped_cols, row.next_pos)
                 row.dropped_cols = []
                 backtracked = True
             if row.strength != strength:
                 self._dirty = True
         if backtracked:
-            self._maybe_compact()
+            self.runner.tidy(self.rows)
 
     def _rebuild(self) -> None:
         self._sampling = SamplingTensors.from_params([r.request.sampling for r in self.rows], self.model.device)
         if self.taps is not None:
-            self.taps.steer = self._steering_vectors()
-            self.taps.capture = any(r.scoring for r in self.rows)
             self._probe_weights = self._monitor_weights()
+            self.runner.set_rows(self._steering_vectors(), any(r.scoring for r in self.rows))
+        else:
+            self.runner.set_rows(None, False)
         self._dirty = False
 
-    def _steering_vectors(self) -> dict[int, torch.Tensor] | None:
-        """{layer: [B, hidden]}: row b's strength times its behaviour's vector (zero if unsteered)."""
+    def _steering_vectors(self) -> torch.Tensor | None:
+        """[B, taps, hidden]: row b's strength times its behaviour's vector (zero if unsteered)."""
         if not any(r.strength for r in self.rows):
             return None
         per_row = []
@@ -106,8 +100,7 @@ class Batch:
             else:
                 per_row.append(None)
         template = next(v for v in per_row if v is not None)
-        stacked = torch.stack([v if v is not None else torch.zeros_like(template) for v in per_row], dim=1)
-        return {layer: stacked[slot] for slot, layer in enumerate(self.taps.layers)}  # [B, hidden] each
+        return torch.stack([v if v is not None else torch.zeros_like(template) for v in per_row])
 
     def _monitor_weights(self) -> dict[str, torch.Tensor]:
         """{behaviour: [B, K]} averaging each scoring row's top-n heads; zero rows elsewhere."""
@@ -119,11 +112,11 @@ class Batch:
                 weights[name] = torch.stack([head_weights(n, bank.num_heads, zero.device) if n else zero for n in rows])
         return weights
 
-    def _probe_scores(self) -> torch.Tensor | None:
-        """[B] mean P(desired) over each scoring row's heads, at the position just fed."""
-        if not self._probe_weights:
+    def _probe_scores(self, captured: torch.Tensor | None) -> torch.Tensor | None:
+        """[B] mean P(desired) over each scoring row's heads, at the position just fed.
+        captured: the tap layers' head activations [taps, B, H*D]."""
+        if not self._probe_weights or captured is None:
             return None
-        captured = self.taps.captured()
         total = None
         for name, weights in self._probe_weights.items():
             part = (self.banks[name].head_probabilities(captured) * weights).sum(-1)
@@ -148,12 +141,6 @@ class Batch:
 
     def _entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int] | None]:
         return token_text(self.tokenizer, token_id), logprob, token_bytes(self.tokenizer, token_id)
-
-    def _maybe_compact(self) -> None:
-        longest = max((len(r.cols) for r in self.rows), default=0)
-        if self.rows and self.cache.width > longest + _COMPACT_SLACK:
-            for row, cols in zip(self.rows, self.cache.compact([r.cols for r in self.rows])):
-                row.cols = cols
 
 
 def _to_host(tokens: torch.Tensor, scores: torch.Tensor | None) -> tuple[list[int], list]:

@@ -20,6 +20,7 @@ from server.config import Settings
 from server.engine.batch import Batch
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import TextOutput
+from server.engine.runner import make_runner
 from server.engine.scheduler import RequestQueue, Scheduler
 from server.engine.sequence import Sequence
 from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams
@@ -134,13 +135,14 @@ class Engine:
             self.model_name = loaded.model_id
         self._eos_ids = _eos_token_ids(loaded)
         self._load_artifacts(loaded)
-        batch = Batch(loaded.model, loaded.tokenizer, self._taps, self._banks)
+        runner = make_runner(s.runner, loaded.model, self._taps, s.max_batch_size, self.max_model_len, s.compile)
+        batch = Batch(runner, loaded.tokenizer, self._banks)
         pad_id = loaded.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else min(self._eos_ids, default=0)
         self.ready = True
         log.info(
-            "model %s ready on %s (%s), context %d, behaviours: %s",
-            self.model_name, loaded.device, str(loaded.dtype).removeprefix("torch."), self.max_model_len,
+            "model %s ready on %s (%s, %s runner), context %d, behaviours: %s",
+            self.model_name, loaded.device, str(loaded.dtype).removeprefix("torch."), s.runner, self.max_model_len,
             ", ".join(self._banks) or "none",
         )
         return Scheduler(

@@ -1,0 +1,50 @@
+"""A preallocated KV cache, gpt-fast style: one slot per running request, no holes, no compaction.
+
+Per layer, keys and values live in `[slots, kv_heads, max_len, head_dim]` buffers allocated once.
+A request owns a slot; position i of its prompt+generated tokens is column i of that slot. A decode
+step writes each row's new key/value at its own position, and attention reads columns
+`0..position` (masked by position, see static_decode.py). So a row's *length* is simply its next
+position: a backtrack sets it back and the next step overwrites the stale columns, and a freed slot
+needs no clearing. The buffers are module buffers so a compiled step (and a CUDA graph) sees fixed
+addresses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StaticKVCache(nn.Module):
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.slots, self.max_len = slots, max_len
+        shape = (slots, kv_heads, max_len, head_dim)
+        # Zeros, not empty: masked columns still enter the attention product (times 0), and stale
+        # memory could hold NaN, which 0 * NaN would spread.
+        for i in range(num_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.num_layers = num_layers
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def write(self, i: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Row b of the step (slot b) writes at column positions[b]. positions: [S], k, v: [S, kv_heads, D]."""
+        k_cache, v_cache = self.layer(i)
+        rows = torch.arange(k.shape[0], device=k.device)
+        k_cache[rows, :, positions] = k
+        v_cache[rows, :, positions] = v
+
+    def load_row(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put a prefilled prompt into `slot` at columns 0..n-1. kv[i]: layer i's ([kv_heads, n, D], same)."""
+        for i, (k, v) in enumerate(kv):
+            k_cache, v_cache = self.layer(i)
+            n = k.shape[1]
+            k_cache[slot, :, :n] = k
+            v_cache[slot, :, :n] = v
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -1,0 +1,136 @@
+"""The `static` runner: a preallocated slot cache and one (optionally compiled) decode step.
+
+Each running request owns a slot of `StaticKVCache` (static_cache.py); the step (static_decode.py)
+runs on slots 0..S-1, where S is the smallest *bucket* (1, 2, 4, ... max rows) holding every
+occupied slot, so a compiled step sees a handful of batch shapes; free slots inside the bucket run
+on dummy inputs. Attention reads the first T columns, T rounded up to `_KEY_BLOCK`; T is a dynamic
+dimension of the compiled graph, so growing sequences do not recompile.
+
+Backtracking needs nothing here: a row's length is its next position, which the sequence already
+moved back (server/engine/sequence.py), and the next step overwrites the stale columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from server.engine.kv_cache import _layers_kv
+from server.engine.prefill import PrefillGroup
+from server.engine.sequence import Sequence
+from server.engine.static_cache import StaticKVCache
+from server.engine.static_decode import StaticDecoder
+from server.steering.taps import HeadTaps
+
+log = logging.getLogger(__name__)
+
+_KEY_BLOCK = 64  # attention length granularity: fewer distinct shapes (CUDA graphs record one each)
+
+
+def batch_buckets(max_rows: int) -> list[int]:
+    """Powers of two below max_rows, then max_rows: [1, 2, 4, 8] for 8, [1, 2, 4, 6] for 6."""
+    buckets = [1]
+    while buckets[-1] * 2 < max_rows:
+        buckets.append(buckets[-1] * 2)
+    return buckets + [max_rows] if buckets[-1] < max_rows else buckets
+
+
+class StaticRunner:
+    def __init__(self, model: PreTrainedModel, taps: HeadTaps | None, max_rows: int, max_len: int, compile: bool):
+        self.model, self.taps = model, taps
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = StaticKVCache(config.num_hidden_layers, max_rows, config.num_key_value_heads, max_len,
+                                   head_dim, model.dtype, model.device)
+        log.info("static KV cache: %d slots x %d positions, %.0f MiB", max_rows, max_len, self.cache.nbytes() / 2**20)
+        tap_layers = taps.layers if taps is not None else []
+        self.decoder = StaticDecoder(model, self.cache, tap_layers)
+        self.buckets = batch_buckets(max_rows)
+        self.slots: list[int] = []  # row b's slot
+        self._free = list(range(max_rows))
+        self._steer_shape = (len(tap_layers), config.hidden_size)
+        self._steer = torch.zeros(0, *self._steer_shape, dtype=model.dtype, device=model.device)  # [S, taps, hidden]
+        self._rows_index = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: row b's slot
+        self._capture = False
+        self._step = self._compiled() if compile else self.decoder
+        if compile:
+            self._warm_up()
+
+    # -- composition
+    def add_group(self, group: PrefillGroup) -> tuple[list[list[int]], int]:
+        kv = _layers_kv(group.cache) if group.cache is not None else []
+        lengths = group.valid.sum(dim=1).tolist()
+        columns = []
+        for r, n in enumerate(lengths):
+            slot = self._free.pop(0)  # lowest free slot keeps the bucket small
+            self.slots.append(slot)
+            # rows are right-aligned in the group: the last n columns are row r's prompt
+            self.cache.load_row(slot, [(k[r, :, k.shape[2] - n:], v[r, :, v.shape[2] - n:]) for k, v in kv])
+            columns.append(list(range(n)))
+        return columns, 0
+
+    def remove_rows(self, keep: list[int]) -> None:
+        kept = [self.slots[i] for i in keep]
+        self._free = sorted(set(self._free) | (set(self.slots) - set(kept)))
+        self.slots = kept
+
+    def set_rows(self, steer: torch.Tensor | None, capture: bool) -> None:
+        device = self.model.device
+        size = self._bucket()
+        self._rows_index = torch.tensor(self.slots, dtype=torch.long, device=device)
+        self._steer = torch.zeros(size, *self._steer_shape, dtype=self.model.dtype, device=device)
+        if steer is not None:
+            self._steer[self._rows_index] = steer.to(self._steer.dtype)
+        self._capture = capture
+
+    def _bucket(self) -> int:
+        needed = max(self.slots, default=0) + 1
+        return next(b for b in self.buckets if b >= needed)
+
+    # -- stepping
+    def columns(self, positions: list[int]) -> list[int]:
+        return list(positions)  # position i of a request lives in column i of its slot
+
+    def decode(self, inputs: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size = self._steer.shape[0]
+        ids, pos = [0] * size, [0] * size  # free slots in the bucket: token 0 at position 0, ignored
+        for slot, token, p in zip(self.slots, inputs, positions):
+            ids[slot], pos[slot] = token, p
+        logits, taps = self._run(ids, pos, max(positions) + 1)
+        rows = self._rows_index
+        return logits[rows], taps[:, rows] if self._capture else None
+
+    def _run(self, ids: list[int], pos: list[int], needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.model.device
+        width = min(self.cache.max_len, -(-needed // _KEY_BLOCK) * _KEY_BLOCK)
+        key_pos = torch.arange(width, device=device)
+        torch._dynamo.maybe_mark_dynamic(key_pos, 0)
+        return self._step(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
+
+    def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
+        pass  # the row's length is its next position; the next step overwrites what was dropped
+
+    def tidy(self, rows: list[Sequence]) -> None:
+        pass  # no holes, nothing to compact
+
+    # -- compilation
+    def _compiled(self):
+        if self.model.device.type == "cuda":
+            return torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
+        return torch.compile(self.decoder, fullgraph=True)
+
+    @torch.inference_mode()  # as the scheduler runs it: grad mode is part of the compiled graph's guards
+    def _warm_up(self) -> None:
+        """Compile the step for every batch bucket now, not on the first requests. (After the
+        second shape, dynamo makes the batch dimension dynamic, so later buckets mostly reuse it.)"""
+        for n, size in enumerate(self.buckets, 1):
+            start = time.perf_counter()
+            self._steer = torch.zeros(size, *self._steer_shape, dtype=self.model.dtype, device=self.model.device)
+            for needed in (1, _KEY_BLOCK + 1):  # two widths: the second must not recompile
+                self._run([0] * size, [0] * size, needed)
+            log.info("compiled the decode step for batch %d (%d/%d) in %.1fs", size, n, len(self.buckets),
+                     time.perf_counter() - start)
+        self._steer = self._steer[:0]
