@@ -10,6 +10,12 @@ and the ratio server / generate. See bench/README.md for what exactly each side 
 
     .venv/bin/python bench/bench_decode.py                # default model, 128 tokens, 5 runs
     .venv/bin/python bench/bench_decode.py --model PATH --device cuda --runs 7 --json-out r.json
+    .venv/bin/python bench/bench_decode.py --runner static   # the server on the static runner
+
+`--matrix` instead prints one table of the engine in process (no HTTP): runner (hf, static) x
+compile (off, on) x batch (1, 8) x threads (1, 2) x FASB monitoring (off, on), beside HF
+`model.generate` fp32, with decode tok/s, TTFT and peak RSS; each configuration is a process of
+its own (bench/matrix_worker.py), and the configurations take turns run by run.
 """
 
 from __future__ import annotations
@@ -64,7 +70,10 @@ class Side:
 def start_server(args: argparse.Namespace) -> ServerProcess:
     """`python -m server` with this bench's flags: one stream at a time, no batching."""
     server_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
-                   "--steering-mode", args.steering_mode, "--max-batch-size", "1"]
+                   "--steering-mode", args.steering_mode, "--max-batch-size", "1", "--runner", args.runner,
+                   "--compile" if args.compile else "--no-compile"]
+    if args.max_model_len:
+        server_args += ["--max-model-len", str(args.max_model_len)]
     if args.cache_dir:
         server_args += ["--cache-dir", args.cache_dir]
     return ServerProcess(server_args, port=args.port, threads=args.threads)
@@ -165,9 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--json-out", default=None, help="also write all numbers to this JSON file")
+    p.add_argument("--runner", default="hf", choices=["hf", "static"], help="the server's --runner")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="the server's --compile")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the server's --max-model-len (sizes the static runner's cache); --matrix default 2048")
+    p.add_argument("--matrix", action="store_true", help="the runner x compile x batch x threads table (see above)")
+    p.add_argument("--matrix-threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--matrix-batches", type=int, nargs="+", default=[1, 8])
     args = p.parse_args(argv)
     if args.runs < 1 or args.tokens < 2:
         p.error("--runs must be >= 1 and --tokens >= 2")
+    if args.matrix:
+        from decode_matrix import run_matrix
+
+        return run_matrix(args)
 
     import torch
 

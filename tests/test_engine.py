@@ -23,9 +23,11 @@ def artifact_dir(tiny_model_dir, tmp_path_factory):
     return write_synthetic_artifact(model, tmp_path_factory.mktemp("artifact"), heads=4, seed=1)
 
 
-@pytest.fixture
-async def engine(tiny_model_dir, artifact_dir):
-    engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(artifact_dir)], max_batch_size=8, max_queue=32))
+@pytest.fixture(params=["hf", "static"])
+async def engine(request, tiny_model_dir, artifact_dir):
+    # Every engine test runs on both runners (the static one eagerly; test_static_runner.py compiles).
+    engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(artifact_dir)], max_batch_size=8, max_queue=32,
+                             runner=request.param, compile=False))
     await engine.start()
     yield engine
     await engine.stop()
@@ -167,10 +169,12 @@ async def test_load_failure_reaches_start(tmp_path):
     await engine.stop()  # nothing running: returns at once
 
 
-async def test_small_prefill_chunks_give_the_same_tokens(tiny_model_dir):
+@pytest.mark.parametrize("runner", ["hf", "static"])
+async def test_small_prefill_chunks_give_the_same_tokens(tiny_model_dir, runner):
     # --prefill-chunk-tokens 16: a burst of prompts is prefilled over many iterations, interleaved
     # with decode steps of the rows already running; every row's greedy tokens stay the same.
-    engine = Engine(Settings(model=str(tiny_model_dir), max_batch_size=8, prefill_chunk_tokens=16))
+    engine = Engine(Settings(model=str(tiny_model_dir), max_batch_size=8, prefill_chunk_tokens=16, runner=runner,
+                             compile=False))
     await engine.start()
     try:
         prompts = [chat(engine, text * 3) for text in PROMPTS]

@@ -25,9 +25,10 @@ def tiny_setup(tiny_model_dir, tmp_path_factory):
     return loaded, load_artifact(folder), folder
 
 
-@pytest.fixture
-async def tiny_engine(tiny_setup, tiny_model_dir):
-    engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(tiny_setup[2])]))
+@pytest.fixture(params=["hf", "static"])
+async def tiny_engine(request, tiny_setup, tiny_model_dir):
+    engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(tiny_setup[2])], runner=request.param,
+                             compile=False))
     await engine.start()
     yield engine
     await engine.stop()
@@ -85,9 +86,11 @@ def real_setup():
 
 
 @pytest.mark.slow
-async def test_fast_decoder_matches_reference_on_the_default_model(real_setup):
+@pytest.mark.parametrize("runner", ["hf", "static"])
+async def test_fast_decoder_matches_reference_on_the_default_model(real_setup, runner):
     loaded, artifact = real_setup
-    engine = Engine(Settings(model="default", no_default_artifacts=True, artifacts=[str(artifact.path)]))
+    engine = Engine(Settings(model="default", no_default_artifacts=True, artifacts=[str(artifact.path)],
+                             runner=runner, compile=False, max_model_len=2048))
     await engine.start()
     seen = set()
     try:

@@ -71,7 +71,8 @@ class HFRunner:
         if self.taps is None:
             return
         # steer: [B, taps, hidden] -> the hooks' {layer: [B, hidden]}
-        self.taps.steer = None if steer is None else {layer: steer[:, slot] for slot, layer in enumerate(self.taps.layers)}
+        layers = self.taps.layers
+        self.taps.steer = None if steer is None else {layer: steer[:, slot] for slot, layer in enumerate(layers)}
         self.taps.capture = self._capture = capture
 
     def columns(self, positions: list[int]) -> list[int]:

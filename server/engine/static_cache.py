@@ -21,15 +21,25 @@ class StaticKVCache(nn.Module):
         super().__init__()
         self.slots, self.max_len = slots, max_len
         shape = (slots, kv_heads, max_len, head_dim)
-        # Zeros, not empty: masked columns still enter the attention product (times 0), and stale
-        # memory could hold NaN, which 0 * NaN would spread.
+        # Allocated empty and zeroed lazily, column block by column block, as sequences grow into
+        # it (`ensure_zeroed`): the memory a long context could need is committed only when used.
+        # Columns that attention reads must be zeroed before it reads them even when masked: they
+        # still enter the product (times 0), and stale memory could hold NaN, which 0 * NaN spreads.
         for i in range(num_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"k{i}", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.num_layers = num_layers
+        self.zeroed = 0  # columns 0..zeroed-1 of every slot hold zeros or written keys/values
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def ensure_zeroed(self, width: int) -> None:
+        """Zero columns zeroed..width-1 of every slot (per request or per column block, never per token)."""
+        if width > self.zeroed:
+            for buffer in self.buffers():
+                buffer[:, :, self.zeroed : width].zero_()
+            self.zeroed = width
 
     def write(self, i: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Row b of the step (slot b) writes at column positions[b]. positions: [S], k, v: [S, kv_heads, D]."""
@@ -40,6 +50,8 @@ class StaticKVCache(nn.Module):
 
     def load_row(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put a prefilled prompt into `slot` at columns 0..n-1. kv[i]: layer i's ([kv_heads, n, D], same)."""
+        if kv:
+            self.ensure_zeroed(kv[0][0].shape[1])  # before writing: zeroing later would erase these columns
         for i, (k, v) in enumerate(kv):
             k_cache, v_cache = self.layer(i)
             n = k.shape[1]

@@ -106,6 +106,7 @@ class StaticRunner:
     def _run(self, ids: list[int], pos: list[int], needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.model.device
         width = min(self.cache.max_len, -(-needed // _KEY_BLOCK) * _KEY_BLOCK)
+        self.cache.ensure_zeroed(width)
         key_pos = torch.arange(width, device=device)
         torch._dynamo.maybe_mark_dynamic(key_pos, 0)
         return self._step(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)

@@ -1,0 +1,183 @@
+"""The static runner: its slot cache (write at a row's length, backtrack = move the length back),
+its step against transformers' forward on Llama-family variants (GQA, q/k/v biases), inline
+steering and capture against the hf runner's hooks, and the compiled step end to end."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.loader import load_model
+from server.engine.prefill import PrefillGroup
+from server.engine.runner import HFRunner
+from server.engine.static_runner import StaticRunner, batch_buckets
+from server.engine.types import SteeringParams
+from server.steering.layers import attention_output_projections
+from server.steering.taps import HeadTaps
+from tests.engine_helpers import collect
+from tests.synthetic_artifact import write_synthetic_artifact
+
+PAD = 0
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir)).model
+
+
+def fresh_logits(model, ids):
+    return model(torch.tensor([ids])).logits[0, -1]
+
+
+def join(model, runner, prompts):
+    """Prefill prompts[:-1] as one group and hand it to the runner; returns the new rows' columns."""
+    group = PrefillGroup([SimpleNamespace(prompt=p) for p in prompts], model.device, PAD)
+    while not group.finished:
+        group.run_chunk(model, 512)
+    columns, shift = runner.add_group(group)
+    assert shift == 0
+    return columns
+
+
+def decode(runner, inputs, positions):
+    runner.set_rows(None, False)
+    return runner.decode(inputs, positions)[0]
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_step_writes_at_each_rows_length(tiny):
+    runner = StaticRunner(tiny, None, max_rows=4, max_len=64, compile=False)
+    a, b = [5, 9, 12, 7, 30], [8, 3]
+    assert join(tiny, runner, [a, b]) == [[0, 1, 2, 3], [0]]
+    assert runner.slots == [0, 1]
+    logits = decode(runner, [a[-1], b[-1]], [4, 1])
+    assert_close(logits[0], fresh_logits(tiny, a))
+    assert_close(logits[1], fresh_logits(tiny, b))
+    k, end = runner.cache.layer(0)[0], runner.cache.zeroed  # k: [slots, kv_heads, max_len, D]
+    assert end == 64  # zeroed lazily, up to the attention width of this step
+    assert k[0, :, 4].abs().sum() > 0 and k[0, :, 5:end].abs().sum() == 0
+    assert k[1, :, 1].abs().sum() > 0 and k[1, :, 2:end].abs().sum() == 0
+
+
+@torch.inference_mode()
+def test_truncate_is_setting_the_length_back(tiny):
+    runner = StaticRunner(tiny, None, max_rows=2, max_len=64, compile=False)
+    prompt = [5, 9, 12, 7, 30]
+    join(tiny, runner, [prompt])
+    first = None
+    for pos, token in zip(range(4, 8), (prompt[-1], 40, 41, 42)):
+        logits = decode(runner, [token], [pos])
+        first = logits[0] if token == 40 else first
+    runner.truncate(0, [5, 6, 7], 5)  # back to prompt + [40]: drop 41, 42 and re-feed 40 at position 5
+    again = decode(runner, [40], [5])[0]
+    assert_close(again, first)
+    assert_close(again, fresh_logits(tiny, prompt + [40]))
+    assert_close(decode(runner, [50], [6])[0], fresh_logits(tiny, prompt + [40, 50]))
+
+
+@torch.inference_mode()
+def test_rows_leave_and_join_into_free_slots(tiny):
+    runner = StaticRunner(tiny, None, max_rows=4, max_len=64, compile=False)
+    a, b, c = [5, 9, 12], [8, 3, 4, 6], list(range(10, 22))
+    join(tiny, runner, [a, b])
+    decode(runner, [a[-1], b[-1]], [2, 3])
+    runner.remove_rows([1])  # a leaves: its slot 0 is free again
+    join(tiny, runner, [c])
+    assert runner.slots == [1, 0]
+    logits = decode(runner, [60, c[-1]], [4, len(c) - 1])
+    assert_close(logits[0], fresh_logits(tiny, b + [60]))
+    assert_close(logits[1], fresh_logits(tiny, c))
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+
+
+def _family_model(kind):
+    common = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if kind == "qwen2":  # q/k/v projections carry biases
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    else:  # llama with rope scaling and multi-query attention
+        common["num_key_value_heads"] = 1
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-mqa"])
+def test_llama_family_step_matches_transformers(kind):
+    model = _family_model(kind)
+    runner = StaticRunner(model, None, max_rows=2, max_len=32, compile=False)
+    a, b = [3, 17, 4, 99, 23, 5], [42, 7]
+    join(model, runner, [a, b])
+    for n in range(4):
+        logits = decode(runner, [a[-1] + n, b[-1] + n], [len(a) - 1 + n, len(b) - 1 + n])
+        assert_close(logits[0], fresh_logits(model, a + [a[-1] + m for m in range(1, n + 1)]))
+        assert_close(logits[1], fresh_logits(model, b + [b[-1] + m for m in range(1, n + 1)]))
+
+
+@torch.inference_mode()
+def test_inline_steering_and_capture_equal_the_hooks(tiny):
+    layers = [0, 1]
+    taps = HeadTaps(attention_output_projections(tiny), layers).install()
+    try:
+        hf, static = HFRunner(tiny, taps), StaticRunner(tiny, taps, max_rows=2, max_len=64, compile=False)
+        prompts = [[5, 9, 12, 7, 30], [8, 3]]
+        steer = torch.randn(2, len(layers), tiny.config.hidden_size)  # [B, taps, hidden]
+        steer[1] = 0  # row 1 unsteered
+        results = []
+        for runner in (hf, static):
+            join(tiny, runner, prompts)  # prefill unsteered, as the scheduler does (taps paused)
+        for runner in (hf, static):
+            runner.set_rows(steer, True)
+            results.append(runner.decode([30, 3], [4, 1]))
+        (hf_logits, hf_taps), (st_logits, st_taps) = results
+        assert_close(st_logits, hf_logits)
+        assert_close(st_taps, hf_taps)  # [taps, B, H*D]
+        with taps.paused():
+            assert not torch.allclose(hf_logits[0], fresh_logits(tiny, prompts[0]), atol=1e-3)  # row 0 was steered
+            assert_close(hf_logits[1], fresh_logits(tiny, prompts[1]))
+    finally:
+        taps.remove()
+
+
+async def test_compiled_static_runner_equals_hf_runner(tiny_model_dir, tmp_path):
+    # The compiled step (inductor on CPU) gives the hf runner's greedy tokens and backtracks for a
+    # mix of joins, leaves and backtracking requests. max_batch_size 2 keeps compilation short.
+    artifact = write_synthetic_artifact(load_model(str(tiny_model_dir)).model, tmp_path, heads=4, seed=1)
+    prompts = ["Hello", "What is the capital", "Is the earth flat?", "quick brown fox"]
+    results = {}
+    for runner in ("hf", "static"):
+        engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(artifact)], max_batch_size=2,
+                                 runner=runner, compile=True))
+        await engine.start()
+        try:
+            jobs = []
+            for i, text in enumerate(prompts * 2):
+                steering = SteeringParams(mode=["off", "fasb", "monitor", "always"][i % 4], threshold=0.6,
+                                          backtrack_tokens=4, alpha=4.0)
+                ids = engine.encode_chat([{"role": "user", "content": text * (1 + i % 3)}])
+                jobs.append(collect(engine, ids, steering, request_id=str(i), max_tokens=[5, 20, 12, 30][i % 4]))
+            results[runner] = [(r.token_ids, r.backtracks) for r in await asyncio.gather(*jobs)]
+        finally:
+            await engine.stop()
+    assert results["static"] == results["hf"]
+    assert any(backtracks for _, backtracks in results["hf"]), "the mix should include backtracking requests"
