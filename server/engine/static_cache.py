@@ -41,13 +41,6 @@ class StaticKVCache(nn.Module):
                 buffer[:, :, self.zeroed : width].zero_()
             self.zeroed = width
 
-    def write(self, i: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Row b of the step (slot b) writes at column positions[b]. positions: [S], k, v: [S, kv_heads, D]."""
-        k_cache, v_cache = self.layer(i)
-        rows = torch.arange(k.shape[0], device=k.device)
-        k_cache[rows, :, positions] = k
-        v_cache[rows, :, positions] = v
-
     def load_row(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put a prefilled prompt into `slot` at columns 0..n-1. kv[i]: layer i's ([kv_heads, n, D], same)."""
         if kv:

@@ -1,4 +1,4 @@
-"""One decode step over the static cache, written as plain tensor code so it compiles to one graph.
+"""One decode step over the static cache, written as plain tensor code that compiles without breaks.
 
 It runs a Llama-family model (Llama, Mistral, Qwen2, SmolLM) with the model's own modules and
 weights — embeddings, norms, q/k/v/o projections, MLPs, rotary embedding, LM head — but its own
@@ -6,17 +6,20 @@ attention over `StaticKVCache`, so nothing here is per architecture except the m
 Llama-family model in transformers shares. Steering and head capture happen inline, not through
 hooks (compare server/steering/taps.py, which does the same on the hf runner):
 
-* the input of `o_proj` at a tap layer is the concatenated head activations the probes read;
-* `steer[:, slot]` is added to the output of `o_proj` at tap layer `slot` (o_proj is linear, so this
-  equals adding each head's c * sigma * u to its slice of the input; server/steering/bank.py).
+* the input of `o_proj` is the concatenated head activations the probes read;
+* `steer` is added to the output of `o_proj` (o_proj is linear, so this equals adding each head's
+  c * sigma * u to its slice of the input; server/steering/bank.py).
 
-Batch row b of a step is cache slot b; rows that hold no request run on dummy inputs and are
-ignored by the caller.
+`decode_layer` is the unit that gets compiled (server/engine/static_runner.py): every decoder layer
+has the same shapes, so one compiled graph serves all of them (regional compilation: compile time
+of one layer, not of the whole model). Batch row b of a step is cache slot b; rows that hold no
+request run on dummy inputs and are ignored by the caller.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +28,46 @@ from torch import nn
 from server.engine.static_cache import StaticKVCache
 
 
-def _rope_function(layer: nn.Module):
+def _rope_function(layer: nn.Module) -> Callable:
     """The model's own `apply_rotary_pos_emb`, from the module that defines its decoder layer."""
     rope = getattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb", None)
     if rope is None:
         raise ValueError(f"the static runner needs a Llama-family model; {type(layer).__name__} has no "
                          "apply_rotary_pos_emb beside it (use --runner hf)")
     return rope
+
+
+def decode_layer(layer: nn.Module, rope: Callable, k_cache: torch.Tensor, v_cache: torch.Tensor, x: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 steer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer for one new token per row.
+
+    x: [S, 1, hidden]; cos, sin: [S, 1, D]; positions: [S]; mask: [S, 1, 1, T]; steer: [S, hidden];
+    k_cache, v_cache: this layer's [slots, KVH, max_len, D] (written at each row's position).
+    Returns x after the layer and the o_proj input [S, H*D] (the head activations).
+    """
+    attn = layer.self_attn
+    S, D = x.shape[0], attn.head_dim
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(S, 1, -1, D).transpose(1, 2)  # [S, H, 1, D]
+    k = attn.k_proj(h).view(S, 1, -1, D).transpose(1, 2)  # [S, KVH, 1, D]
+    v = attn.v_proj(h).view(S, 1, -1, D).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    rows = torch.arange(S, device=x.device)
+    k_cache[rows, :, positions] = k[:, :, 0]  # row b writes at its own position
+    v_cache[rows, :, positions] = v[:, :, 0]
+    T = mask.shape[-1]
+    keys, values = k_cache[:S, :, :T], v_cache[:S, :, :T]  # [S, KVH, T, D]
+    # GQA without repeating keys: query head h uses kv head h // G, so the G query heads of a kv
+    # head become G query positions of one attention over that head's keys.
+    q = q.reshape(S, kv_heads, heads // kv_heads, D)  # [S, KVH, G, D]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+    head_acts = out.reshape(S, heads * D)  # head h = kv * G + g, as o_proj expects
+    # F.linear, not attn.o_proj(...): o_proj's tap hooks belong to the hf runner
+    x = x + (F.linear(head_acts, attn.o_proj.weight, attn.o_proj.bias) + steer)[:, None, :]
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, head_acts
 
 
 class StaticDecoder(nn.Module):
@@ -42,10 +78,11 @@ class StaticDecoder(nn.Module):
         self.lm_head = model.get_output_embeddings()
         self.cache = cache
         self.tap_slot = {layer: slot for slot, layer in enumerate(tap_layers)}
-        self.apply_rope = _rope_function(self.layers[0])
+        self.rope = _rope_function(self.layers[0])
+        self.layer_step: Callable = decode_layer  # the runner swaps in a compiled one
         config = model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.act_width = config.num_attention_heads * (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, steer: torch.Tensor,
                 key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,35 +91,16 @@ class StaticDecoder(nn.Module):
         x = self.embed(input_ids)[:, None, :]  # [S, 1, hidden]
         cos, sin = self.rotary(x, positions[:, None])  # [S, 1, D] each
         mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [S, 1, 1, T]: a row sees its past
+        torch._dynamo.maybe_mark_dynamic(mask, 3)  # T grows with the sequences: one compiled layer for all T
+        unsteered = x.new_zeros(x.shape[0], x.shape[2])  # [S, hidden]
         captured = []
         for i, layer in enumerate(self.layers):
-            heads = self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, positions, mask)
-            attn = layer.self_attn.o_proj
-            out = F.linear(heads, attn.weight, attn.bias)  # not attn(heads): its tap hooks are for the hf runner
             slot = self.tap_slot.get(i)
+            k_cache, v_cache = self.cache.layer(i)
+            x, heads = self.layer_step(layer, self.rope, k_cache, v_cache, x, cos, sin, positions, mask,
+                                       unsteered if slot is None else steer[:, slot])
             if slot is not None:
-                captured.append(heads[:, 0])
-                out = out + steer[:, slot, None, :]
-            x = x + out
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                captured.append(heads)
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
-        taps = torch.stack(captured) if captured else x.new_zeros(0, x.shape[0], self.heads * self.head_dim)
+        taps = torch.stack(captured) if captured else x.new_zeros(0, x.shape[0], self.act_width)
         return logits, taps
-
-    def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: [S, 1, hidden] -> concatenated head outputs [S, 1, H*D], this step's k/v written to the cache."""
-        S, D = x.shape[0], self.head_dim
-        q = attn.q_proj(x).view(S, 1, self.heads, D).transpose(1, 2)  # [S, H, 1, D]
-        k = attn.k_proj(x).view(S, 1, self.kv_heads, D).transpose(1, 2)  # [S, KVH, 1, D]
-        v = attn.v_proj(x).view(S, 1, self.kv_heads, D).transpose(1, 2)
-        q, k = self.apply_rope(q, k, cos, sin)
-        self.cache.write(i, positions, k[:, :, 0], v[:, :, 0])
-        k_cache, v_cache = self.cache.layer(i)
-        T = mask.shape[-1]
-        keys, values = k_cache[:S, :, :T], v_cache[:S, :, :T]  # [S, KVH, T, D]
-        # GQA without repeating keys: query head h uses kv head h // G, so the G query heads of a kv
-        # head become G query positions of one attention over that head's keys.
-        q = q.reshape(S, self.kv_heads, self.heads // self.kv_heads, D)  # [S, KVH, G, D]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-        return out.reshape(S, 1, self.heads * D)  # head h = kv * G + g, as o_proj expects

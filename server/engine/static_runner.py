@@ -22,7 +22,7 @@ from server.engine.kv_cache import _layers_kv
 from server.engine.prefill import PrefillGroup
 from server.engine.sequence import Sequence
 from server.engine.static_cache import StaticKVCache
-from server.engine.static_decode import StaticDecoder
+from server.engine.static_decode import StaticDecoder, decode_layer
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,8 @@ class StaticRunner:
         self._steer = torch.zeros(0, *self._steer_shape, dtype=model.dtype, device=model.device)  # [S, taps, hidden]
         self._rows_index = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: row b's slot
         self._capture = False
-        self._step = self._compiled() if compile else self.decoder
         if compile:
-            self._warm_up()
+            self._compile()
 
     # -- composition
     def add_group(self, group: PrefillGroup) -> tuple[list[list[int]], int]:
@@ -108,8 +107,7 @@ class StaticRunner:
         width = min(self.cache.max_len, -(-needed // _KEY_BLOCK) * _KEY_BLOCK)
         self.cache.ensure_zeroed(width)
         key_pos = torch.arange(width, device=device)
-        torch._dynamo.maybe_mark_dynamic(key_pos, 0)
-        return self._step(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
+        return self.decoder(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
 
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
         pass  # the row's length is its next position; the next step overwrites what was dropped
@@ -118,15 +116,21 @@ class StaticRunner:
         pass  # no holes, nothing to compact
 
     # -- compilation
-    def _compiled(self):
+    def _compile(self) -> None:
+        """Compile one decoder layer's step (every layer has the same shapes, so one graph serves all
+        of them) and run every batch bucket once now, not on the first requests."""
         if self.model.device.type == "cuda":
-            return torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
-        return torch.compile(self.decoder, fullgraph=True)
+            for buffer in self.cache.buffers():  # fixed addresses, so CUDA graphs can capture the writes
+                torch._dynamo.mark_static_address(buffer)
+            self.decoder.layer_step = torch.compile(decode_layer, mode="reduce-overhead", fullgraph=True)
+        else:
+            self.decoder.layer_step = torch.compile(decode_layer, fullgraph=True)
+        self._warm_up()
 
     @torch.inference_mode()  # as the scheduler runs it: grad mode is part of the compiled graph's guards
     def _warm_up(self) -> None:
-        """Compile the step for every batch bucket now, not on the first requests. (After the
-        second shape, dynamo makes the batch dimension dynamic, so later buckets mostly reuse it.)"""
+        # After the second batch shape dynamo makes the batch dimension dynamic, so later buckets
+        # mostly reuse that graph (on CUDA, each shape still records its own graph).
         for n, size in enumerate(self.buckets, 1):
             start = time.perf_counter()
             self._steer = torch.zeros(size, *self._steer_shape, dtype=self.model.dtype, device=self.model.device)
