@@ -1,7 +1,8 @@
 """bench_decode.py --matrix: the runner x compile x batch x threads x monitoring table.
 
 For each thread count, one process per configuration (bench/matrix_worker.py with
-OMP_NUM_THREADS): HF `model.generate`, the hf runner, the static runner eager and compiled. They
+OMP_NUM_THREADS): HF `model.generate`, the hf runner, the static runner eager and compiled, and
+compiled with int8 weights (server/engine/quantize.py). They
 stay loaded and take turns: every round measures each (batch, monitoring) cell on every
 configuration before the next round, so load from other processes hits all of them alike. Medians
 over `--runs` rounds after `--warmup`.
@@ -19,17 +20,20 @@ from pathlib import Path
 
 from common import ROOT, host_info, markdown_table, write_json
 
-CONFIGS = [("generate", False), ("hf", False), ("static", False), ("static", True)]
+# (runner, compile, quantization)
+CONFIGS = [("generate", False, "none"), ("hf", False, "none"), ("static", False, "none"), ("static", True, "none"),
+           ("static", True, "int8")]
 
 
 class Worker:
-    def __init__(self, runner: str, compile: bool, threads: int, args):
-        self.name = runner if runner != "static" else f"static{'+compile' if compile else ''}"
+    def __init__(self, runner: str, compile: bool, quantization: str, threads: int, args):
+        self.name = runner + ("+compile" if compile else "") + ("+int8" if quantization == "int8" else "")
         self.runner, self.compile, self.threads = runner, compile, threads
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    PYTHONPATH=str(ROOT))
         cmd = [sys.executable, str(Path(__file__).with_name("matrix_worker.py")), "--runner", runner,
-               "--compile", str(int(compile)), "--model", args.model, "--tokens", str(args.tokens),
+               "--compile", str(int(compile)), "--quantization", quantization, "--model", args.model,
+               "--tokens", str(args.tokens),
                "--max-model-len", str(args.max_model_len or 2048), "--max-batch-size", str(max(args.matrix_batches))]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
@@ -58,9 +62,9 @@ class Worker:
 def measure_threads(threads: int, args) -> list[dict]:
     workers = []
     try:
-        for runner, compile in CONFIGS:
+        for runner, compile, quantization in CONFIGS:
             start = time.perf_counter()
-            workers.append(Worker(runner, compile, threads, args))
+            workers.append(Worker(runner, compile, quantization, threads, args))
             print(f"[{threads} threads] {workers[-1].name} ready in {time.perf_counter() - start:.0f}s",
                   file=sys.stderr)
         cells = [(b, m) for b in args.matrix_batches for m in (False, True)]
@@ -107,12 +111,21 @@ def _find(rows, threads, config, batch, monitor=False):
                  (threads, config, batch, monitor)), None)
 
 
+def _agreement(ours: list[int], reference: list[int]) -> str:
+    """'yes' when identical, else the share of leading tokens that agree (greedy runs diverge for good
+    after their first difference)."""
+    if ours == reference:
+        return "yes"
+    same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    return f"first {same}/{len(reference)}"
+
+
 def print_matrix(rows: list[dict], args) -> None:
     table = []
     for r in rows:
         gen = _find(rows, r["threads"], "generate", r["batch"])
         hf = _find(rows, r["threads"], "hf", r["batch"], r["monitor"])
-        same = "-" if r["config"] == "generate" else ("yes" if r["tokens"] == gen["tokens"] else "no")
+        same = "-" if r["config"] == "generate" else _agreement(r["tokens"], gen["tokens"])
         table.append([str(r["threads"]), r["config"], str(r["batch"]), "on" if r["monitor"] else "off",
                       f"{r['tps']:.1f}", f"{r['tps'] / gen['tps']:.2f}", f"{r['tps'] / hf['tps']:.2f}" if hf else "-",
                       f"{r['ttft_ms']:.0f}", f"{r['rss_mb']:.0f}", f"{r['startup_s']:.0f}", same])
@@ -121,11 +134,16 @@ def print_matrix(rows: list[dict], args) -> None:
           f"{args.runs} rounds (+{args.warmup} warm-up), configurations interleaved | in process, no HTTP")
     print()
     print(markdown_table(["threads", "runner", "batch", "FASB monitor", "decode tok/s", "x generate", "x hf",
-                          "TTFT ms", "peak RSS MB", "start s", "same tokens as generate"], table))
+                          "TTFT ms", "peak RSS MB", "start s", "greedy tokens = generate's"], table))
     print()
     print("decode tok/s: all streams together. x generate / x hf: against model.generate (same batch, threads) / "
           "the hf runner (same batch, threads, monitoring). start s: load (+ compile) time.")
     for threads in args.matrix_threads:
+        int8 = _find(rows, threads, "static+compile+int8", 1, True)
+        gen1_ = _find(rows, threads, "generate", 1)
+        if int8 and gen1_:
+            print(f"[{threads} threads] static+compile+int8 single stream, monitoring on / generate fp32: "
+                  f"{int8['tps'] / gen1_['tps']:.2f}")
         single = _find(rows, threads, "static+compile", 1)
         gen1 = _find(rows, threads, "generate", 1)
         wide, hf8 = _find(rows, threads, "static+compile", 8), _find(rows, threads, "hf", 8)

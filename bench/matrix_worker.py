@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--quantization", default="none")
     args = p.parse_args()
 
     from server.config import Settings
@@ -113,6 +114,7 @@ def main() -> None:
             reply(protocol, result | {"rss_mb": peak_rss_mb()})
         return
     engine = Engine(Settings(model=args.model, runner=args.runner, compile=bool(args.compile),
+                             quantization=args.quantization,
                              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len))
     engine.load()
     ids = engine.encode_chat([{"role": "user", "content": LONG_STORY_PROMPT}])

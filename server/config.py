@@ -24,6 +24,9 @@ class Settings(BaseSettings):
         "slot cache, one compiled step; its cache is max-batch-size x max-model-len positions)"
     )
     compile: bool = Field(True, description="static runner: compile the decode step with torch.compile at start")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: weight-only int8 linear layers (CPU; not o_proj, which steering reads)"
+    )
 
     # http
     host: str = "127.0.0.1"

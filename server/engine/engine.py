@@ -20,6 +20,7 @@ from server.config import Settings
 from server.engine.batch import Batch
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import TextOutput
+from server.engine.quantize import quantize_weights
 from server.engine.runner import make_runner
 from server.engine.scheduler import RequestQueue, Scheduler
 from server.engine.sequence import Sequence
@@ -129,6 +130,7 @@ class Engine:
     def _prepare(self) -> Scheduler:
         s = self.settings
         loaded = load_model(s.model, s.device, s.dtype, s.cache_dir, s.max_model_len)
+        quantize_weights(loaded.model, s.quantization)  # keeps o_proj: artifacts check and steer with it
         self._loaded = loaded
         self.max_model_len = loaded.max_model_len
         if s.served_model_name is None:
