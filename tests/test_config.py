@@ -22,3 +22,13 @@ def test_bad_values_are_a_usage_error_naming_each_flag(capsys):
     err = capsys.readouterr().err
     assert "--prefill-chunk-tokens: Input should be greater than or equal to 16" in err
     assert "--max-batch-size:" in err and "Traceback" not in err
+
+
+def test_runner_compile_and_quantization_flags(monkeypatch):
+    defaults = parse_args([])
+    assert (defaults.runner, defaults.compile, defaults.quantization) == ("hf", True, "none")
+    settings = parse_args(["--runner", "static", "--no-compile", "--quantization", "int8"])
+    assert (settings.runner, settings.compile, settings.quantization) == ("static", False, "int8")
+    monkeypatch.setenv("FASB_COMPILE", "false")
+    assert parse_args([]).compile is False
+    assert parse_args(["--compile"]).compile is True
