@@ -91,7 +91,8 @@ class StaticDecoder(nn.Module):
         x = self.embed(input_ids)[:, None, :]  # [S, 1, hidden]
         cos, sin = self.rotary(x, positions[:, None])  # [S, 1, D] each
         mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [S, 1, 1, T]: a row sees its past
-        torch._dynamo.maybe_mark_dynamic(mask, 3)  # T grows with the sequences: one compiled layer for all T
+        if not torch.compiler.is_compiling():  # per-layer compilation: one compiled layer for all T
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
         unsteered = x.new_zeros(x.shape[0], x.shape[2])  # [S, hidden]
         captured = []
         for i, layer in enumerate(self.layers):

@@ -55,6 +55,7 @@ class StaticRunner:
         self._steer = torch.zeros(0, *self._steer_shape, dtype=model.dtype, device=model.device)  # [S, taps, hidden]
         self._rows_index = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: row b's slot
         self._capture = False
+        self._step = self.decoder
         if compile:
             self._compile()
 
@@ -107,7 +108,8 @@ class StaticRunner:
         width = min(self.cache.max_len, -(-needed // _KEY_BLOCK) * _KEY_BLOCK)
         self.cache.ensure_zeroed(width)
         key_pos = torch.arange(width, device=device)
-        return self.decoder(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
+        torch._dynamo.maybe_mark_dynamic(key_pos, 0)  # T grows with the sequences: no recompiles
+        return self._step(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
 
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
         pass  # the row's length is its next position; the next step overwrites what was dropped
@@ -117,12 +119,16 @@ class StaticRunner:
 
     # -- compilation
     def _compile(self) -> None:
-        """Compile one decoder layer's step (every layer has the same shapes, so one graph serves all
-        of them) and run every batch bucket once now, not on the first requests."""
+        """Compile, then run every batch bucket once now, not on the first requests.
+
+        CPU: one decoder layer's step is compiled (inductor) and serves every layer, since all have
+        the same shapes: the compile costs one layer, not the whole model (~50 s instead of ~9 min
+        for SmolLM2-135M on 2 busy cores), at the price of a guard check per layer call. CUDA: the
+        whole step is compiled with CUDA graphs (mode="reduce-overhead"), so a step is one graph
+        launch; the cache buffers are module buffers, which CUDA graphs treat as fixed addresses.
+        """
         if self.model.device.type == "cuda":
-            for buffer in self.cache.buffers():  # fixed addresses, so CUDA graphs can capture the writes
-                torch._dynamo.mark_static_address(buffer)
-            self.decoder.layer_step = torch.compile(decode_layer, mode="reduce-overhead", fullgraph=True)
+            self._step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
         else:
             self.decoder.layer_step = torch.compile(decode_layer, fullgraph=True)
         self._warm_up()
