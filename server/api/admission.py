@@ -19,6 +19,8 @@ from server.errors import PayloadTooLargeError, ServerError
 # Paths that answer without a key: probes, scrapers and the API's own description.
 _OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A refused body is read and dropped up to this many bytes; past it the connection is just closed.
+_DISCARD_CAP = 256 * 1024 * 1024
 
 
 class Admission:
@@ -33,20 +35,32 @@ class Admission:
             return
         headers = _headers(scope)
         if self.api_key is not None and scope["path"] not in _OPEN_PATHS and not self._authorized(headers):
-            await _refuse(send, InvalidAPIKeyError(), close=scope["method"] in _BODY_METHODS)
+            await self._refuse(scope, headers, receive, send, InvalidAPIKeyError())
             return
         if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _refuse(send, PayloadTooLargeError(self.max_body_bytes), close=True)
+            await self._refuse(scope, headers, receive, send, PayloadTooLargeError(self.max_body_bytes))
             return
         body = await self._read_body(receive)
         if body is None:
-            await _refuse(send, PayloadTooLargeError(self.max_body_bytes), close=True)
+            await self._refuse(scope, headers, receive, send, PayloadTooLargeError(self.max_body_bytes))
             return
         await self.app(scope, _replay(body, receive), send)
+
+    async def _refuse(self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send,
+                      error: ServerError) -> None:
+        """Answer without parsing anything. What the client is still uploading is read and dropped
+        first (up to a cap; nothing is kept), because most clients send their whole body before they
+        read: closing on them would reset the connection and lose the answer. A client that sent
+        `Expect: 100-continue` is waiting for this answer and sends nothing: reading would ask it
+        for the body, so it is answered at once."""
+        has_body = scope["method"] in _BODY_METHODS
+        if has_body and headers.get(b"expect", b"").lower() != b"100-continue":
+            await _discard_body(receive, cap=max(_DISCARD_CAP, 4 * self.max_body_bytes))
+        await _send_error(send, error, close=has_body)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
@@ -85,7 +99,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _refuse(send: Send, error: ServerError, close: bool) -> None:
+async def _discard_body(receive: Receive, cap: int) -> None:
+    size = 0
+    while size <= cap:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        size += len(message.get("body", b""))
+
+
+async def _send_error(send: Send, error: ServerError, close: bool) -> None:
     """Answer with the error envelope. `close`: the body was not read, so the connection cannot be
     reused for another request."""
     status, envelope = error_response(error)
