@@ -21,7 +21,7 @@ from server.engine.types import (
     TextDelta,
     TokenLogprob,
 )
-from server.errors import EngineNotReadyError, InvalidRequestError, ServerError
+from server.errors import EngineNotReadyError, InvalidRequestError, ServerError, ShuttingDownError
 
 PROMPT_TOKENS = 7
 
@@ -141,6 +141,8 @@ class FakeEngine:
             raise EngineNotReadyError()
         if self.submit_error is not None:
             raise self.submit_error
+        if self.state == "draining":
+            raise ShuttingDownError()
         behavior = request.steering.behavior if request.steering else None
         if behavior not in (None, "truthfulness"):
             raise InvalidRequestError(f"unknown steering behavior {behavior!r}", param="steering.behavior")

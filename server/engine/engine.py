@@ -267,8 +267,9 @@ class Engine:
 
     def _check_prompt_chars(self, chars: int, param: str) -> None:
         """Refuse, before tokenising, text that needs more tokens than the context has: no token is
-        longer than `_max_token_chars` characters, so `chars` characters take at least that many."""
-        if self._max_token_chars and chars > self.max_model_len * self._max_token_chars:
+        longer than `_max_token_chars` characters, so `chars` characters take at least chars / that
+        many tokens. (Twice the bound: a Unicode normaliser may first merge pairs of characters.)"""
+        if self._max_token_chars and chars > 2 * self.max_model_len * self._max_token_chars:
             raise InvalidRequestError(
                 f"the prompt has {chars} characters, more than fit in this model's {self.max_model_len}-token context",
                 param=param,
