@@ -173,6 +173,13 @@ class GenerationRequestFields(RequestModel):
     ignore_eos: bool = Field(False, description="(extension) keep generating past end-of-sequence")
     steering: SteeringRequest | None = Field(None, description="(extension) FASB steering for this request")
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when `stream` is true")
+        return value
+
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_as_list(cls, value: Any) -> Any:
@@ -220,6 +227,9 @@ class ChatCompletionRequest(GenerationRequestFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None  # the legacy function-calling API
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
     @field_validator("top_logprobs")
@@ -234,6 +244,21 @@ class ChatCompletionRequest(GenerationRequestFields):
     def _no_tools(cls, value: Any) -> Any:
         if value:
             raise ValueError(NOT_SUPPORTED)
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        # Refused rather than ignored: a client that relies on a forced tool call must find out.
+        if value not in (None, "none") and not info.data.get("tools"):
+            raise ValueError("requires `tools` (and tools are not supported by this server)")
+        return value
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_legacy_functions(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(f"{NOT_SUPPORTED} (the legacy function-calling API)")
         return value
 
     @field_validator("response_format")
