@@ -55,7 +55,7 @@ OPERATIONS = {  # path -> the schema of one streamed chunk, as the OpenAPI docum
 EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 50}
 MAX_TOKENS = 8  # the most any valid request may generate per choice (before backtracks)
 MAX_N = 3
-REQUEST_TIMEOUT_S = 120.0  # longer is reported as a hang (8 tokens on the tiny model: < 5 s, even loaded)
+REQUEST_TIMEOUT_S = 120.0  # a request still unanswered after this is reported as a hang
 BEHAVIOR = "synthetic"
 # Positive cases get one of these merged into `steering` often, so every mode (and a backtrack, which
 # the synthetic probes' P(desired) < 1 forces at threshold 1) is exercised, streamed and not.
