@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-formats", type=_formats, default=(), help="also report held-out accuracy in these formats, e.g. qa,chat"
     )
+    p.add_argument(
+        "--answer-positions", type=int, default=defaults.answer_positions,
+        help="read up to N answer-prefix positions per answer (0: the answer's last token only)",
+    )
+    p.add_argument(
+        "--positions-from", type=int,
+        help="first answer token read, 1-based (default: --backtrack-tokens, where the monitor's checks start)",
+    )
+    p.add_argument(
+        "--false-alarm-set", default=defaults.false_alarm_set,
+        help="JSONL of correct {question, answer} pairs to report the monitor's firing rate on "
+        "('default': eval/data/everyday_correct.jsonl; 'none': skip); chat format only",
+    )
     p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="padded tokens per forward pass")
     p.add_argument("--max-pack-tokens", type=int, default=defaults.max_pack_tokens)
     p.add_argument("--cache-dir", help="activation cache (default steering_artifacts/.activations)")
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = vars(build_parser().parse_args(argv))
     args.pop("command")
+    if args["false_alarm_set"] == "none":
+        args["false_alarm_set"] = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     build(BuildConfig(**args, command="python -m steering_artifacts " + shlex.join(argv)))
     return 0
