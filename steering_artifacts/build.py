@@ -16,7 +16,7 @@ from server.steering.artifact import SteeringArtifact, artifacts_root, model_fin
 from steering_artifacts import probes
 from steering_artifacts.calibration import expected_calibration_error, plot_reliability
 from steering_artifacts.collect import cache_key, cached_activations, collect_activations
-from steering_artifacts.datasets import Dataset, load_dataset
+from steering_artifacts.datasets import Dataset, load_dataset, load_jsonl
 from steering_artifacts.positions import BUCKETS, answer_starts, bucket, read_plan
 from steering_artifacts.prompts import encode
 from steering_artifacts.split import Split, split_by_group
@@ -61,6 +61,7 @@ class BuildConfig:
     answer_positions: int = 0  # >0: read up to this many answer-prefix positions per answer (0: last token only)
     positions_from: int | None = None  # first answer token read (1-based; default backtrack_tokens, as the monitor)
     false_alarm_set: str | None = "default"  # correct answers the monitor should not fire on; None: skip
+    extra_train: str | None = None  # a JSONL dataset added to the training split only (never validated/tested on)
     batch_tokens: int = 2048
     max_pack_tokens: int = 1024
     cache_dir: str | None = None  # default: steering_artifacts/.activations (git-ignored)
@@ -164,6 +165,16 @@ def _collect(config: BuildConfig, loaded, dataset: Dataset, prompt_format: str,
     )
     values = flat.reshape(len(example), cfg.num_hidden_layers, num_heads, head_dim)
     return Activations(values, seconds, cpu_seconds, not computed, example, position, length)
+
+
+def _with_extra(acts: Activations, extra: Activations, num_examples: int) -> Activations:
+    """Append the extra training examples' rows; their example indices follow the main dataset's."""
+    return Activations(
+        np.concatenate([acts.values, extra.values]), acts.seconds + extra.seconds,
+        acts.cpu_seconds + extra.cpu_seconds, acts.from_cache and extra.from_cache,
+        np.concatenate([acts.example, extra.example + num_examples]),
+        np.concatenate([acts.position, extra.position]), np.concatenate([acts.length, extra.length]),
+    )
 
 
 def _row_split(acts: Activations, split: Split, last_only: bool = False) -> Split:
@@ -318,6 +329,16 @@ def build(config: BuildConfig) -> BuildResult:
     )
     acts = _collect(config, loaded, dataset, config.prompt_format, config.answer_positions)
     split = split_by_group(dataset.groups(), config.split, config.seed)
+    extra = load_jsonl(config.extra_train) if config.extra_train else None
+    if extra is not None:
+        # Extra examples only ever train: the split (and the held-out ids evaluation reads) stays the dataset's.
+        extra_acts = _collect(config, loaded, extra, config.prompt_format, config.answer_positions)
+        acts = _with_extra(acts, extra_acts, len(labels))
+        extra_ids = np.arange(len(labels), len(labels) + len(extra.examples))
+        split = Split(np.concatenate([split.train, extra_ids]), split.val, split.test, split.test_groups,
+                      split.val_groups)
+        labels = np.concatenate([labels, extra.labels()])
+        log.info("extra training data %s: %d examples", extra.source, len(extra.examples))
     rows, ends = _row_split(acts, split), _row_split(acts, split, last_only=True)
     row_labels = labels[acts.example]
     log.info(
@@ -356,7 +377,10 @@ def build(config: BuildConfig) -> BuildResult:
         direction=torch.tensor(unit, dtype=torch.float32),
         sigma=torch.tensor(probes.projection_std(fit_x, unit), dtype=torch.float32),
         val_accuracy=torch.tensor([val_accuracy[layer, head] for layer, head in top], dtype=torch.float32),
-        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings},
+        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings}
+        | ({"extra_train": {"source": extra.source, "sha256": extra.sha256, "num_examples": len(extra.examples),
+                            "used_for": "training only (probes, directions, sigma); never validation or test"}}
+           if extra is not None else {}),
     )
     out = Path(config.out) if config.out else artifacts_root() / model_slug(loaded.model_id) / config.behavior
     false_alarm = {}

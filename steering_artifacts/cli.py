@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL of correct {question, answer} pairs to report the monitor's firing rate on "
         "('default': eval/data/everyday_correct.jsonl; 'none': skip); chat format only",
     )
+    p.add_argument(
+        "--extra-train", help="JSONL of {question, answer, label} added to the training split only, e.g. "
+        "steering_artifacts/data/plain_facts.jsonl",
+    )
     p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="padded tokens per forward pass")
     p.add_argument("--max-pack-tokens", type=int, default=defaults.max_pack_tokens)
     p.add_argument("--cache-dir", help="activation cache (default steering_artifacts/.activations)")

@@ -161,11 +161,19 @@ def test_score_answers_uses_the_chat_prompt(tiny, artifact_dir):
 def test_builder_answer_positions_report(tiny_model_dir, tmp_path):
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in examples()))
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"question": "Is snow white?", "answer": "Yes.", "label": 1, "group": "x1"}) + "\n"
+                     + json.dumps({"question": "Is snow white?", "answer": "No.", "label": 0, "group": "x1"}) + "\n")
     argv = ["build", "--behavior", "tiny-pos", "--dataset", str(data), "--model", str(tiny_model_dir),
             "--out", str(tmp_path / "art"), "--num-heads", "4", "--cache-dir", str(tmp_path / "cache"),
-            "--no-progress", "--answer-positions", "3", "--positions-from", "2", "--threshold", "0.4"]
+            "--no-progress", "--answer-positions", "3", "--positions-from", "2", "--threshold", "0.4",
+            "--extra-train", str(extra)]
     assert main(argv) == 0
     manifest = load_artifact(tmp_path / "art").manifest
+    assert manifest["extra_train"]["num_examples"] == 2
+    assert manifest["split"]["num_examples"]["train"] == len(examples()) + 2 - sum(
+        manifest["split"]["num_examples"][k] for k in ("val", "test"))
+    assert not any(i.startswith("x") for i in manifest["split"]["test_ids"] + manifest["split"]["val_ids"])
     by_position = manifest["accuracy"]["test_by_position"]
     assert by_position["all"]["rows"] > by_position["end"]["rows"] == manifest["split"]["num_examples"]["test"]
     assert all(0 <= v["ece"] <= 1 and 0 <= v["accuracy"] <= 1 for v in by_position.values())
