@@ -205,3 +205,20 @@ def test_paired_difference():
     assert d["mean"] == pytest.approx(0.1) and d["low"] > 0
     with pytest.raises(ValueError):
         paired_difference([1, 0], [1])
+
+
+def test_generation_interval_report_pairs_rows_by_question():
+    from eval.truthfulqa_gen import interval_report
+
+    def records(truthful):
+        return [{"truthful": t, "uninformative": False, "backtracks": 0, "discarded_tokens": 0, "completion_tokens": 9}
+                for t in truthful]
+
+    base = [True] * 20 + [False] * 20
+    answers = {"baseline": records(base), "ITI": records(base), "FASB": records([True] * 25 + [False] * 15)}
+    report = interval_report(answers)
+    assert set(report["differences"]) == {"FASB - baseline", "FASB - ITI"}
+    diff = report["differences"]["FASB - baseline"]["true_and_informative"]
+    assert diff["mean"] == pytest.approx(5 / 40) and diff["low"] > 0  # FASB wins 5 questions and loses none
+    assert report["rows"]["baseline"]["truthful"]["mean"] == 0.5
+    assert report["rows"]["FASB"]["answer_tokens"] == {"mean": 9.0, "low": 9.0, "high": 9.0}
