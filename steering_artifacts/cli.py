@@ -84,12 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=defaults.dtype)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    from steering_artifacts.report import add_parser as add_report_parser
+
+    add_report_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = vars(build_parser().parse_args(argv))
+    parsed = build_parser().parse_args(argv)
+    if parsed.command == "report":
+        from steering_artifacts.report import run
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run(parsed)
+    args = vars(parsed)
     args.pop("command")
     if args["false_alarm_set"] == "none":
         args["false_alarm_set"] = None
