@@ -389,8 +389,9 @@ def build(config: BuildConfig) -> BuildResult:
         artifact.manifest.update(false_alarm)
     save_artifact(artifact, out)
     artifact.path = out
-    png = plot_reliability(curves, out / RELIABILITY_PNG,
-                           f"{config.behavior}: held-out test answers by position ({_position_text(config)[:60]}...)")
+    png = plot_reliability(curves, out / RELIABILITY_PNG, f"{config.behavior}: held-out test answers by position\n"
+                           f"(answer tokens from the {config.first_position}th, up to {config.answer_positions} each)"
+                           if config.answer_positions else f"{config.behavior}: held-out test answers, last token")
     report = report | false_alarm | {"timings_s": timings, "reliability_png": str(png) if png else None}
     log_report(report, out)
     return BuildResult(artifact, out, report)

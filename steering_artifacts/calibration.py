@@ -65,6 +65,6 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -51,7 +51,8 @@ def report_artifact(artifact_dir: str, dataset: str, data_dir: str | None, answe
            "positions_from": config.first_position, "test_by_position": report}
     if png is not None:
         path = plot_reliability(curves, png or Path(artifact_dir) / RELIABILITY_PNG,
-                                f"{artifact.behavior} ({artifact_dir}): held-out test answers by position")
+                                f"{artifact.behavior}: held-out test answers by position\n"
+                                f"(answer tokens from the {config.first_position}th, up to {answer_positions} each)")
         out["reliability_png"] = str(path) if path else None
     return out
 
