@@ -147,8 +147,9 @@ def run_gen(args) -> dict:
 
 
 def _best(rows: list[dict]) -> dict:
-    """Most answers both judged true and informative; ties: more judged true."""
-    return max(rows, key=lambda r: (r["true_and_informative"], r["truthful"]))
+    """Most answers both judged true and informative; ties: more judged true, then the higher threshold
+    (the most monitoring the false-alarm bar allows), then the first row."""
+    return max(rows, key=lambda r: (r["true_and_informative"], r["truthful"], r.get("threshold") or 0.0))
 
 
 def false_alarm_rates(args, thresholds) -> dict[float, float]:
@@ -188,7 +189,8 @@ def run_gen_sweep(args) -> dict:
     info = run.info | {"false_alarm_by_threshold": {str(t): r for t, r in rates.items()},
                        "max_false_alarm": args.max_false_alarm}
     return finish_sweep(args, info, (baseline, iti_rows, fasb_rows), _best, "generation",
-                        f"embedding judge, max true-and-informative, tie-break truthful, among thresholds with "
+                        f"embedding judge, max true-and-informative, tie-breaks truthful then higher threshold, "
+                        f"among thresholds with "
                         f"false alarms <= {args.max_false_alarm:g} on the correct-answer set",
                         GEN_COLUMNS + ["false_alarm"],
                         f"truthfulqa_gen_sweep_{args.split}")
