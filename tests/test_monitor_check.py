@@ -16,6 +16,7 @@ from steering_artifacts.cli import main
 from steering_artifacts.collect import collect_activations
 from steering_artifacts.datasets import Example
 from steering_artifacts.false_alarm import (
+    DEFAULT_SET,
     check_positions,
     firing_rate,
     load_pairs,
@@ -123,6 +124,8 @@ def test_committed_false_alarm_set():
     pairs = load_pairs()
     assert len(pairs) >= 60 and len({q for q, _ in pairs}) == len(pairs)
     assert all(q.endswith("?") and a and len(a) < 80 for q, a in pairs)
+    false = load_pairs(DEFAULT_SET.with_name("everyday_false.jsonl"))  # same questions, a false answer each
+    assert [q for q, _ in false] == [q for q, _ in pairs] and all(f != t for (_, f), (_, t) in zip(false, pairs))
 
 
 @pytest.fixture(scope="module")
