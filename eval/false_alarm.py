@@ -11,13 +11,21 @@ import sys
 
 from eval.report import print_table, write_json
 from eval.runtime import load_model_and_artifact
-from steering_artifacts.false_alarm import DEFAULT_SET, false_alarm_report, load_pairs, score_answers
+from steering_artifacts.false_alarm import (
+    DEFAULT_SET,
+    false_alarm_report,
+    load_pairs,
+    score_answers,
+    separation_report,
+)
 
 
 def add_parser(benchmarks) -> None:
     p = benchmarks.add_parser("false-alarm", help="monitor firing rate on plainly correct short answers")
     p.add_argument("--artifact", required=True, help="artifact folder (chat format: the server's monitor)")
     p.add_argument("--set", default=str(DEFAULT_SET), help="JSONL of {question, answer} correct answers")
+    p.add_argument("--false-set", help="JSONL of false answers (e.g. eval/data/everyday_false.jsonl): also report "
+                   "the share the monitor catches and how well it separates them from the correct ones (AUROC)")
     p.add_argument("--threshold", type=float, help="default: the manifest's recommended threshold")
     p.add_argument("--backtrack-tokens", type=int, help="s: checks start at the s-th token (default: recommended)")
     p.add_argument("--num-heads", type=int, help="top n heads (default: all)")
@@ -44,6 +52,14 @@ def run(args) -> dict:
     print(f"threshold {threshold}: fires on {report['fired']} of {report['answers']} "
           f"({100 * report['firing_rate']:.1f}%); largest threshold with <= 5%: "
           f"{report['max_threshold_at_5pct']:.3f}")
+    if args.false_set:
+        caught = score_answers(loaded.model, loaded.tokenizer, artifact, load_pairs(args.false_set), s, args.num_heads)
+        report["false_set"] = separation_report(scored, caught, threshold, args.false_set)
+        fs = report["false_set"]
+        print(f"false answers ({args.false_set}): caught {fs['caught']} of {fs['answers']} at threshold {threshold} "
+              f"({100 * fs['detection_rate']:.1f}%); AUROC correct vs false {fs['auroc']:.3f}"
+              + (f"; paired: correct scores higher on {fs['paired_correct_higher']} of {fs['answers']}"
+                 if fs.get("paired_correct_higher") is not None else ""))
     payload = {**report, "artifact": str(args.artifact), "command": "python -m eval " + shlex.join(sys.argv[1:]),
                "answers_scored": [{"question": a.question, "answer": a.answer, "scores": a.scores,
                                    "checks": a.checks, "min_check_score": a.min_check_score} for a in scored]}

@@ -150,6 +150,29 @@ def false_alarm_report(scored: list[ScoredAnswer], threshold: float, backtrack_t
     }
 
 
+def auroc(positive, negative) -> float:
+    """P(a random positive scores above a random negative), ties counting half."""
+    pos, neg = np.asarray(positive, dtype=np.float64)[:, None], np.asarray(negative, dtype=np.float64)[None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def separation_report(correct: list[ScoredAnswer], false: list[ScoredAnswer], threshold: float,
+                      source: str | Path) -> dict:
+    """How many false answers fire (are caught) at `threshold`, and how well min check scores separate
+    correct from false answers; paired by question when both sets hold the same questions in order."""
+    good = np.array([a.min_check_score for a in correct])
+    bad = np.array([a.min_check_score for a in false])
+    paired = [a.question for a in correct] == [a.question for a in false]
+    return {
+        "set": _display(source),
+        "answers": len(false),
+        "caught": int(fires(bad, threshold).sum()),
+        "detection_rate": firing_rate(bad, threshold),
+        "auroc": auroc(good, bad),
+        "paired_correct_higher": int((good > bad).sum()) if paired else None,
+    }
+
+
 def _display(path: str | Path) -> str:
     path = Path(path).resolve()
     root = Path(__file__).resolve().parents[1]

@@ -225,3 +225,14 @@ def test_generation_interval_report_pairs_rows_by_question():
     assert diff["mean"] == pytest.approx(5 / 40) and diff["low"] > 0  # FASB wins 5 questions and loses none
     assert report["rows"]["baseline"]["truthful"]["mean"] == 0.5
     assert report["rows"]["FASB"]["answer_tokens"] == {"mean": 9.0, "low": 9.0, "high": 9.0}
+
+
+def test_auroc_and_separation():
+    from steering_artifacts.false_alarm import ScoredAnswer, auroc, separation_report
+
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.1], [0.9]) == 0.0 and auroc([0.5], [0.5]) == 0.5
+    good = [ScoredAnswer("q1", "a", [0.9], [0]), ScoredAnswer("q2", "b", [0.4], [0])]
+    bad = [ScoredAnswer("q1", "x", [0.2], [0]), ScoredAnswer("q2", "y", [0.6], [0])]
+    report = separation_report(good, bad, 0.3, "f.jsonl")
+    assert (report["caught"], report["detection_rate"], report["paired_correct_higher"]) == (1, 0.5, 1)
+    assert report["auroc"] == 0.75
