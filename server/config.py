@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FASB_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="FASB_", extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     # model
     model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a folder, or a hub id")
@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     # http
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
+    api_key: str | None = Field(
+        None, description="require `Authorization: Bearer KEY`; prefer FASB_API_KEY (flags show in ps)"
+    )
     cors_origins: list[str] = Field(default_factory=list)
 
     # scheduling
@@ -35,6 +37,20 @@ class Settings(BaseSettings):
         "running streams when requests arrive; smaller pauses less, but first tokens come later"
     )
 
+    # admission, budgets, lifecycle (README "Reliability")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest request body; larger ones get 413 before they are read"
+    )
+    request_timeout: float | None = Field(
+        None, gt=0, description="seconds a request may take from arrival; then it ends with finish_reason 'length'"
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds in-flight requests get to finish before they are ended"
+    )
+    worker_stall_timeout: float = Field(
+        60.0, gt=0, description="/health answers 503 when work waits and the decode worker made no progress this long"
+    )
+
     # steering (None: the artifact's manifest decides)
     artifacts: list[str] = Field(default_factory=list, description="extra artifact folders to load")
     no_default_artifacts: bool = Field(False, description="do not load the prebuilt artifacts for the model")
@@ -42,12 +58,12 @@ class Settings(BaseSettings):
     # monitor, not fasb: on the default model no threshold keeps false alarms on correct answers <= 5%
     # and still intervenes (issue 15; README "Steering"). Requests ask for fasb with "mode": "fasb".
     steering_mode: Literal["off", "monitor", "always", "fasb"] = "monitor"
-    alpha: float | None = Field(None, ge=0)
+    alpha: float | None = Field(None, ge=0, le=1000)
     threshold: float | None = Field(None, ge=0, le=1)
-    backtrack_tokens: int | None = Field(None, ge=1)
+    backtrack_tokens: int | None = Field(None, ge=1, le=256)
     num_heads: int | None = Field(None, ge=1)
     adaptive: bool | None = None
-    max_backtracks: int | None = Field(None, ge=0)
+    max_backtracks: int | None = Field(None, ge=0, le=32)
 
     log_level: str = "info"
 

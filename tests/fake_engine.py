@@ -21,7 +21,7 @@ from server.engine.types import (
     TextDelta,
     TokenLogprob,
 )
-from server.errors import EngineNotReadyError, InvalidRequestError, ServerError
+from server.errors import EngineNotReadyError, InvalidRequestError, ServerError, ShuttingDownError
 
 PROMPT_TOKENS = 7
 
@@ -57,6 +57,7 @@ class FakeStream:
     cancelled: bool = False
     exhausted: bool = False
     fail_with: Exception | None = None  # raised after the first event (engine bug mid-stream)
+    fail_now: Exception | None = None  # raised by the next read (the engine aborted everything)
     _sent: int = 0
 
     def __aiter__(self) -> FakeStream:
@@ -66,6 +67,9 @@ class FakeStream:
         await asyncio.sleep(self.delay_s)
         if self.cancelled or self.exhausted:
             raise StopAsyncIteration
+        if self.fail_now is not None:
+            self.exhausted = True
+            raise self.fail_now
         if self.fail_with is not None and self._sent == 1:
             raise self.fail_with
         if self.endless:
@@ -92,6 +96,23 @@ class FakeEngine:
     submitted: list[GenerationRequest] = field(default_factory=list)
     streams: list[FakeStream] = field(default_factory=list)
     stopped: bool = False
+    max_queue: int = 64
+    state: str = "ok"  # what health() reports once ready
+    aborted_with: Exception | None = None
+
+    def health(self) -> str:
+        return self.state if self.ready else "loading"
+
+    def begin_drain(self) -> None:
+        self.state = "draining"
+
+    def idle(self) -> bool:
+        return self.stats()["running"] == 0
+
+    def abort_all(self, error: Exception) -> None:
+        self.aborted_with = error
+        for stream in self.streams:
+            stream.fail_now = error
 
     async def start(self) -> None:
         if self.start_gate is not None:
@@ -120,6 +141,8 @@ class FakeEngine:
             raise EngineNotReadyError()
         if self.submit_error is not None:
             raise self.submit_error
+        if self.state == "draining":
+            raise ShuttingDownError()
         behavior = request.steering.behavior if request.steering else None
         if behavior not in (None, "truthfulness"):
             raise InvalidRequestError(f"unknown steering behavior {behavior!r}", param="steering.behavior")

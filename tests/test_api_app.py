@@ -216,6 +216,68 @@ async def test_api_key_is_required_on_v1_only():
         assert (await client.get("/metrics")).status_code == 200
 
 
+async def test_api_key_is_checked_before_the_body_is_read_or_parsed():
+    engine = FakeEngine()
+    async with serving(engine, api_key="sesame", max_body_bytes=1024) as client:
+        await until_ready(engine)
+        malformed = await client.post("/v1/chat/completions", content=b"{not json",
+                                      headers={"content-type": "application/json"})
+        assert_error(malformed, 401, "invalid_request_error")
+        huge = await client.post("/v1/chat/completions", content=b"x" * 10_000)
+        assert_error(huge, 401, "invalid_request_error")  # not 413, not 400: nobody looked at it
+        right = {"Authorization": "Bearer sesame"}
+        too_big = await client.post("/v1/chat/completions", content=b"x" * 10_000, headers=right)
+        assert assert_error(too_big, 413, "invalid_request_error")["code"] == "request_too_large"
+
+
+async def test_body_limit_applies_to_declared_and_streamed_bodies():
+    engine = FakeEngine()
+    async with serving(engine, max_body_bytes=2048) as client:
+        await until_ready(engine)
+        assert_error(await client.post("/v1/chat/completions", content=b"x" * 4096), 413, "invalid_request_error")
+
+        async def chunked():
+            for _ in range(8):
+                yield b"x" * 512
+
+        assert_error(await client.post("/v1/chat/completions", content=chunked()), 413, "invalid_request_error")
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_health_reports_the_worker_and_the_drain(client, engine):
+    engine.state = "dead"
+    error = assert_error(await client.get("/health"), 503, "service_unavailable")
+    assert error["code"] == "engine_unhealthy"
+    engine.state = "draining"
+    response = await client.get("/health")
+    assert response.json()["error"]["code"] == "shutting_down" and response.headers["retry-after"] == "1"
+
+
+async def test_drain_waits_then_ends_what_is_left_with_an_error(engine):
+    from server.api.app import drain
+
+    engine.stream_options = {"endless": True, "delay_s": 0.01}
+    app = create_app(Settings(), engine)
+    async with LifespanManager(app):
+        await until_ready(engine)
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            streaming = asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+            while not engine.streams:
+                await asyncio.sleep(0.01)
+            await drain(app, timeout_s=0.2)
+            payloads = sse_payloads((await streaming).text)
+            assert payloads[-1] == "[DONE]"
+            assert json.loads(payloads[-2])["error"]["code"] == "shutting_down"
+            refused = await client.post("/v1/chat/completions", json=CHAT)
+            assert assert_error(refused, 503, "service_unavailable")["code"] == "shutting_down"
+
+
+async def test_queue_full_and_loading_carry_retry_after(client, engine):
+    engine.submit_error = QueueFullError()
+    assert (await client.post("/v1/chat/completions", json=CHAT)).headers["retry-after"] == "1"
+
+
 async def test_unknown_model_is_404(client):
     error = assert_error(await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}),
                          404, "invalid_request_error", "model")

@@ -51,6 +51,12 @@ def rejected_param(model: type, body: dict) -> str | None:
         ({"frequency_penalty": 3}, "frequency_penalty"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -134,7 +140,7 @@ def test_steering_params_only_when_the_request_has_a_steering_object():
 
 def test_include_usage_only_when_streaming():
     assert chat(stream=True, stream_options={"include_usage": True}).include_usage
-    assert not chat(stream=False, stream_options={"include_usage": True}).include_usage
+    assert not chat(stream=True).include_usage  # stream_options without stream is a 400 (see above)
 
 
 @pytest.mark.parametrize("prompt, expected", [("hi", "hi"), (["hi"], "hi"), ([1, 2, 3], [1, 2, 3])])

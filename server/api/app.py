@@ -7,15 +7,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.api.deps import require_api_key
+from server.api.admission import Admission
 from server.api.errors import install_error_handlers
 from server.api.observe import RequestObserver
+from server.api.openapi import describe_streams
 from server.api.routes import chat, completions, health, models
 from server.api.serving import EngineClient
 from server.config import Settings
+from server.errors import ShuttingDownError
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,51 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine_failed = False
     app.state.on_engine_failure = on_engine_failure
+    app.state.drain_task = None
     install_error_handlers(app)
+    # Outermost last: CORS answers preflights, the observer logs every answer (401/413 included),
+    # admission checks the key and the body size before routing reads anything.
+    app.add_middleware(Admission, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    for router in (chat.router, completions.router, models.router):
-        app.include_router(router, dependencies=[Depends(require_api_key)])
-    app.include_router(health.router)
+    for router in (chat.router, completions.router, models.router, health.router):
+        app.include_router(router)
+    describe_streams(app)
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Start draining (from the SIGTERM handler, on the event loop's thread): refuse new requests,
+    give the ones in flight `--shutdown-timeout` seconds, then end the rest with an error event."""
+    if app.state.drain_task is not None:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # the signal came before the server started serving: nothing to drain
+        return
+    # A signal handler interrupts the loop wherever it is: schedule the task, do not run it here.
+    loop.call_soon_threadsafe(_start_drain, app)
+
+
+def _start_drain(app: FastAPI) -> None:
+    if app.state.drain_task is None:
+        app.state.drain_task = asyncio.ensure_future(drain(app, app.state.settings.shutdown_timeout))
+
+
+async def drain(app: FastAPI, timeout_s: float) -> None:
+    engine = app.state.engine
+    engine.begin_drain()
+    log.info("shutting down: new requests get 503; waiting up to %.0fs for %s", timeout_s, engine.stats())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not engine.idle() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if not engine.idle():
+        log.warning("shutdown timeout: ending %s requests with an error", engine.stats())
+        engine.abort_all(ShuttingDownError("The server shut down before this request finished."))
 
 
 @contextlib.asynccontextmanager
@@ -67,6 +104,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading.cancel()  # stops waiting for a load still in progress; engine.stop() frees it
         with contextlib.suppress(asyncio.CancelledError):
             await loading
+        if app.state.drain_task is not None:
+            app.state.drain_task.cancel()
         await app.state.engine.stop()
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.api.errors import InvalidAPIKeyError
 from server.api.observe import RequestRecord
 from server.api.serving import EngineClient
 from server.config import Settings
-from server.errors import EngineNotReadyError, ModelNotFoundError
+from server.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
 
 
 def get_engine(request: Request) -> EngineClient:
@@ -30,19 +28,17 @@ def get_record(request: Request) -> RequestRecord:
     return request.state.record
 
 
-def require_api_key(request: Request) -> None:
-    """With --api-key set, every /v1 request must send `Authorization: Bearer <key>`."""
-    expected = get_settings(request).api_key
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
-        raise InvalidAPIKeyError()
-
-
 def check_model(engine: EngineClient, model: str) -> None:
     if model != engine.model_name:
         raise ModelNotFoundError(model)
+
+
+def check_choices(engine: EngineClient, n: int) -> None:
+    """`n` choices each take a place in the queue: more than it has can never be admitted."""
+    if n > engine.max_queue:
+        raise InvalidRequestError(
+            f"n is {n}, but this server queues at most {engine.max_queue} generations (--max-queue)", param="n"
+        )
 
 
 EngineDep = Annotated[EngineClient, Depends(get_engine)]

@@ -34,12 +34,24 @@ def error_response(exc: Exception) -> tuple[int, ErrorResponse]:
     if isinstance(exc, RequestValidationError):
         exc = validation_error(exc)
     if isinstance(exc, ServerError):
-        info = ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+        info = ErrorInfo(message=encodable(exc.message), type=exc.type, param=encodable(exc.param), code=exc.code)
         return exc.status, ErrorResponse(error=info)
     if isinstance(exc, HTTPException):
         info = ErrorInfo(message=str(exc.detail), type="invalid_request_error", code=_http_code(exc.status_code))
         return exc.status_code, ErrorResponse(error=info)
     return 500, ErrorResponse(error=ErrorInfo(message=INTERNAL_ERROR_MESSAGE, type="internal_error"))
+
+
+def encodable(text: str | None) -> str | None:
+    """`text` with anything UTF-8 cannot carry (a lone surrogate a client sent, echoed back in a
+    message) written as a backslash escape, so the error itself can always be sent."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def retry_after_headers(exc: Exception) -> dict[str, str] | None:
+    """Retry-After for errors that pass if the client waits (429 queue full, 503 loading/draining)."""
+    seconds = getattr(exc, "retry_after", None) if isinstance(exc, ServerError) else None
+    return None if seconds is None else {"Retry-After": str(seconds)}
 
 
 def _http_code(status: int) -> str | None:
@@ -83,7 +95,7 @@ def _readable(error: dict[str, Any]) -> str:
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
     status, body = error_response(exc)
-    return JSONResponse(status_code=status, content=body.model_dump())
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=retry_after_headers(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -95,5 +107,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # For the OpenAPI document: every /v1 route may answer with these.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
 }

@@ -46,6 +46,13 @@ class RequestRecord:
             self.finish_reasons.append(event.finish_reason)
 
 
+def printable(text: str | None) -> str | None:
+    """`text` with control characters, non-ASCII and lone surrogates backslash-escaped: a client
+    can then never start a forged line in the request log (a `%0a` in the path is decoded to a
+    newline before we see it)."""
+    return None if text is None else text.encode("unicode_escape").decode("ascii")
+
+
 class RequestObserver:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -85,7 +92,7 @@ class RequestObserver:
         log.info(
             "%s %s %s model=%s prompt_tokens=%d completion_tokens=%d discarded_tokens=%d backtracks=%d "
             "finish=%s latency_ms=%.0f status=%d",
-            record.request_id, scope["method"], scope["path"], record.model, record.prompt_tokens,
+            record.request_id, scope["method"], printable(scope["path"]), printable(record.model), record.prompt_tokens,
             record.completion_tokens, record.discarded_tokens, record.backtracks,
             ",".join(record.finish_reasons) or "-", (now - record.started) * 1000, status,
         )

@@ -33,16 +33,26 @@ from server.engine.types import (
     TokenLogprob,
 )
 
+# Upper bounds on what one request may ask for, so that no value can overflow a tensor or keep the
+# engine busy for ever (README "Limits"). Lengths (max_tokens) are checked against the context.
 MAX_CHOICES = 8
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+MAX_TOKENS = 2**31 - 1
+MAX_TOP_K = 2**20  # above any vocabulary; the engine clamps it to the model's vocabulary size
+MAX_ALPHA = 1000.0  # the paper's largest alpha is 60; beyond this a model only emits noise
+MAX_BACKTRACK_TOKENS = 256
+MAX_BACKTRACKS = 32
+MAX_NUM_HEADS = 4096
 NOT_SUPPORTED = "not supported by this server"
 
 
 class OpenAIBaseModel(BaseModel):
     # Clients send many optional fields we have no use for (user, metadata, store, ...); like the
     # OpenAI server we ignore unknown top-level keys. Fields that would change the output if we
-    # ignored them are declared and rejected explicitly instead.
-    model_config = ConfigDict(extra="ignore")
+    # ignored them are declared and rejected explicitly instead. NaN and ±Infinity (which Python's
+    # JSON parser accepts) are never a valid number here.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     # Optional fields left out of the JSON when None, rather than sent as null: our extensions
     # (so plain OpenAI objects stay plain) and stream deltas (`delta: {}` means "nothing new").
@@ -72,16 +82,18 @@ class SteeringRequest(RequestModel):
     """The `steering` request object (not in the OpenAI spec). None: the server's default."""
 
     # A typo in a steering knob must not silently fall back to a default: 400 naming the key.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: SteeringMode | None = Field(None, description="off | monitor | always | fasb")
     behavior: str | None = Field(None, description="which loaded artifact steers (see /v1/models)")
-    alpha: float | None = Field(None, ge=0, description="steering strength")
+    alpha: float | None = Field(None, ge=0, le=MAX_ALPHA, description="steering strength")
     threshold: float | None = Field(None, ge=0, le=1, description="backtrack when P(desired) falls below it")
-    backtrack_tokens: int | None = Field(None, ge=1, description="tokens dropped per backtrack; check interval")
-    num_heads: int | None = Field(None, ge=1, description="use the artifact's top n heads")
+    backtrack_tokens: int | None = Field(
+        None, ge=1, le=MAX_BACKTRACK_TOKENS, description="tokens dropped per backtrack; check interval"
+    )
+    num_heads: int | None = Field(None, ge=1, le=MAX_NUM_HEADS, description="use the artifact's top n heads")
     adaptive: bool | None = Field(None, description="strength alpha*(1-p) instead of alpha")
-    max_backtracks: int | None = Field(None, ge=0, description="interventions allowed per answer")
+    max_backtracks: int | None = Field(None, ge=0, le=MAX_BACKTRACKS, description="interventions allowed per answer")
     stream_mode: StreamMode | None = Field(None, description="retract: send and correct; hold: delay s tokens")
     return_scores: bool = Field(False, description="report the probe score of every answer token")
 
@@ -134,7 +146,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-StopSequence = Annotated[UnicodeText, Field(min_length=1)]
+StopSequence = Annotated[UnicodeText, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class GenerationRequestFields(RequestModel):
@@ -144,7 +156,7 @@ class GenerationRequestFields(RequestModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     stream: bool = False
@@ -155,9 +167,18 @@ class GenerationRequestFields(RequestModel):
     user: str | None = None
 
     # not in the OpenAI spec
-    top_k: int | None = Field(None, ge=0, description="(extension) sample from the k most likely tokens; 0: all")
+    top_k: int | None = Field(
+        None, ge=0, le=MAX_TOP_K, description="(extension) sample from the k most likely tokens; 0: all"
+    )
     ignore_eos: bool = Field(False, description="(extension) keep generating past end-of-sequence")
     steering: SteeringRequest | None = Field(None, description="(extension) FASB steering for this request")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when `stream` is true")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -202,10 +223,13 @@ class GenerationRequestFields(RequestModel):
 
 class ChatCompletionRequest(GenerationRequestFields):
     messages: list[RequestMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None  # the legacy function-calling API
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
     @field_validator("top_logprobs")
@@ -220,6 +244,21 @@ class ChatCompletionRequest(GenerationRequestFields):
     def _no_tools(cls, value: Any) -> Any:
         if value:
             raise ValueError(NOT_SUPPORTED)
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        # Refused rather than ignored: a client that relies on a forced tool call must find out.
+        if value not in (None, "none") and not info.data.get("tools"):
+            raise ValueError("requires `tools` (and tools are not supported by this server)")
+        return value
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_legacy_functions(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(f"{NOT_SUPPORTED} (the legacy function-calling API)")
         return value
 
     @field_validator("response_format")

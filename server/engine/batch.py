@@ -2,9 +2,14 @@
 
 Per-row tensors (sampling parameters, steering vectors, probe head weights) change only when a
 row joins, leaves or backtracks, so they are rebuilt then (`_dirty`), never per token.
+
+One row's failure is its own: a row whose logits are not finite, whose sampling raises or whose
+bookkeeping raises fails alone, and every other row gets exactly the token it would have got.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -15,8 +20,11 @@ from server.engine.prefill import PrefillGroup
 from server.engine.sampling import SamplingTensors, compute_logprobs, sample
 from server.engine.sequence import Phase, Sequence
 from server.engine.types import TokenLogprob
+from server.errors import ServerError
 from server.steering.bank import BehaviorBank, head_weights
 from server.steering.taps import HeadTaps
+
+log = logging.getLogger(__name__)
 
 # Squeeze holes (left padding, backtracked columns) out of the cache once it is this much wider
 # than the longest row needs.
@@ -70,13 +78,22 @@ class Batch:
         column = self.cache.width  # the column this step writes
         logits = decode_step(self.model, self.cache, input_ids, positions)
         scores = self._probe_scores()
-        tokens = sample(logits, self._sampling, [r.generator for r in self.rows])
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]: False where this row's numbers broke down
+        tokens, failed = self._sample(logits)
         logprobs = self._logprobs(logits, tokens)
-        tokens_cpu, scores_cpu = _to_host(tokens, scores)
+        tokens_cpu, scores_cpu, finite_cpu = _to_host(tokens, scores, finite)
         backtracked = False
         for b, row in enumerate(self.rows):
+            if b in failed or not finite_cpu[b]:
+                _fail_row(row, "the model produced non-finite numbers" if b not in failed else failed[b])
+                continue
             strength = row.strength
-            row.advance(column, scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
+            try:
+                row.advance(column, scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
+            except Exception as exc:  # a bug in one row's bookkeeping: that row fails, not the batch
+                log.exception("request %s failed while applying its token", row.request.request_id)
+                _fail_row(row, type(exc).__name__)
+                continue
             if row.dropped_cols:
                 self.cache.invalidate(b, row.dropped_cols)
                 row.dropped_cols = []
@@ -85,6 +102,23 @@ class Batch:
                 self._dirty = True
         if backtracked:
             self._maybe_compact()
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+        """Next tokens [B], and the rows whose sampling failed (with why). Batched; only if the
+        batch raises is it redone row by row to find the rows at fault."""
+        generators = [r.generator for r in self.rows]
+        try:
+            return sample(logits, self._sampling, generators), {}
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row to isolate the failure")
+        tokens, failed = torch.zeros(len(self.rows), dtype=torch.long, device=logits.device), {}
+        for b, row in enumerate(self.rows):
+            try:
+                alone = SamplingTensors.from_params([row.request.sampling], logits.device)
+                tokens[b] = sample(logits[b : b + 1], alone, [row.generator])[0]
+            except Exception as exc:
+                failed[b] = f"sampling failed ({type(exc).__name__})"
+        return tokens, failed
 
     def _rebuild(self) -> None:
         self._sampling = SamplingTensors.from_params([r.request.sampling for r in self.rows], self.model.device)
@@ -156,10 +190,17 @@ class Batch:
                 row.cols = cols
 
 
-def _to_host(tokens: torch.Tensor, scores: torch.Tensor | None) -> tuple[list[int], list]:
+def _fail_row(row: Sequence, why: str) -> None:
+    log.error("request %s failed alone in the decode step: %s", row.request.request_id, why)
+    row.fail(ServerError(f"generation failed for this request: {why}; other requests were not affected"))
+
+
+def _to_host(
+    tokens: torch.Tensor, scores: torch.Tensor | None, finite: torch.Tensor
+) -> tuple[list[int], list, list[bool]]:
     """One device->host transfer (one sync) for everything the per-row decisions need."""
-    if scores is None:
-        return tokens.tolist(), [None] * tokens.shape[0]
-    packed = torch.cat([tokens.double(), scores.double()]).tolist()  # ids < 2**53 survive float64
     n = tokens.shape[0]
-    return [int(t) for t in packed[:n]], packed[n:]
+    parts = [tokens.double(), finite.double()] + ([] if scores is None else [scores.double()])
+    packed = torch.cat(parts).tolist()  # ids < 2**53 survive float64
+    scores_cpu = packed[2 * n :] if scores is not None else [None] * n
+    return [int(t) for t in packed[:n]], scores_cpu, [bool(f) for f in packed[n : 2 * n]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from server.engine.output import TextOutput
 from server.engine.scheduler import RequestQueue, Scheduler
 from server.engine.sequence import Sequence
 from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams
-from server.errors import EngineNotReadyError, InvalidRequestError
+from server.errors import (
+    EngineNotReadyError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ServerError,
+    ShuttingDownError,
+)
 from server.metrics import Metrics
 from server.steering.artifact import SteeringArtifact, check_compatible, find_default_artifacts, load_artifact
 from server.steering.bank import BehaviorBank
@@ -38,10 +45,10 @@ DEFAULT_BEHAVIOR_NAME = "truthfulness"  # served when a request names none and -
 class GenerationStream:
     """Async iterator over one request's events; `cancel()` stops its generation."""
 
-    def __init__(self, seq_holder: dict, queue: asyncio.Queue, wake):
+    def __init__(self, seq_holder: dict, queue: asyncio.Queue, requests: RequestQueue):
         self._holder = seq_holder
         self._queue = queue
-        self._wake = wake
+        self._requests = requests
         self._done = False
 
     def __aiter__(self):
@@ -62,7 +69,8 @@ class GenerationStream:
         seq = self._holder.get("seq")
         if seq is not None and not self._done:
             seq.cancelled = True
-            self._wake()
+            self._requests.discard(seq)  # a request still waiting frees its place at once
+            self._requests.wake()
         self._done = True
 
 
@@ -78,7 +86,11 @@ class Engine:
         self._behavior_defaults: dict[str, BehaviorDefaults] = {}
         self._taps: HeadTaps | None = None
         self._queue = RequestQueue(settings.max_queue)
+        self.max_queue = settings.max_queue
         self._worker: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
+        self._draining = False
+        self._max_token_chars = 0  # the longest token's text: a prompt longer than this many chars per token can't fit
         self._eos_ids: frozenset[int] = frozenset()
         self._steering_defaults = SteeringParams(
             mode=settings.steering_mode,
@@ -122,8 +134,14 @@ class Engine:
         except BaseException as exc:  # reported to load()'s caller, which fails the server's start
             started.set_exception(exc)
             return
+        self._scheduler = scheduler
         started.set_result(None)
-        scheduler.run()
+        try:
+            scheduler.run()
+        except BaseException:  # the worker dies: /health turns 503 (see health()); say why, fail what it held
+            log.critical("the decode worker died", exc_info=True)
+            scheduler.fail_outstanding(EngineUnavailableError())
+            raise
 
     def _prepare(self) -> Scheduler:
         s = self.settings
@@ -133,6 +151,7 @@ class Engine:
         if s.served_model_name is None:
             self.model_name = loaded.model_id
         self._eos_ids = _eos_token_ids(loaded)
+        self._max_token_chars = _longest_token_chars(loaded.tokenizer)
         self._load_artifacts(loaded)
         batch = Batch(loaded.model, loaded.tokenizer, self._taps, self._banks)
         pad_id = loaded.tokenizer.pad_token_id
@@ -144,8 +163,35 @@ class Engine:
             ", ".join(self._banks) or "none",
         )
         return Scheduler(
-            batch, self._queue, s.max_batch_size, pad_id, s.prefill_chunk_tokens, on_step=self._report_queue
+            batch, self._queue, s.max_batch_size, pad_id, s.prefill_chunk_tokens, on_step=self._report_queue,
+            on_retired=self._observe_retired,
         )
+
+    def health(self) -> str:
+        """"loading", "ok", "draining", or why the worker cannot serve: "dead" (its thread ended)
+        or "stalled" (work is waiting and it made no progress for --worker-stall-timeout s)."""
+        if not self.ready or self._scheduler is None:
+            return "loading"
+        if self._worker is None or not self._worker.is_alive():
+            return "dead"
+        stats = self._queue.stats()
+        idle_for = time.monotonic() - self._scheduler.heartbeat
+        if (stats["waiting"] or stats["running"]) and idle_for > self.settings.worker_stall_timeout:
+            return "stalled"
+        return "draining" if self._draining else "ok"
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (503 shutting_down); the ones in flight go on."""
+        self._draining = True
+
+    def idle(self) -> bool:
+        stats = self._queue.stats()
+        return not (stats["waiting"] or stats["running"])
+
+    def abort_all(self, error: ServerError) -> None:
+        """End every request in flight or waiting with `error` (their streams get it as an event)."""
+        if self._scheduler is not None:
+            self._scheduler.abort(error)
 
     async def stop(self) -> None:
         self._queue.close()
@@ -200,6 +246,7 @@ class Engine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self._require_ready().tokenizer
+        self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
@@ -211,15 +258,28 @@ class Engine:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         loaded = self._require_ready()
         if isinstance(prompt, str):
+            self._check_prompt_chars(len(prompt), "prompt")
             return loaded.tokenizer(prompt, add_special_tokens=True).input_ids
         vocab = loaded.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         return list(prompt)
 
+    def _check_prompt_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenising, text that needs more tokens than the context has: no token is
+        longer than `_max_token_chars` characters, so `chars` characters take at least chars / that
+        many tokens. (Twice the bound: a Unicode normaliser may first merge pairs of characters.)"""
+        if self._max_token_chars and chars > 2 * self.max_model_len * self._max_token_chars:
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters, more than fit in this model's {self.max_model_len}-token context",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     # -- generation
     def submit(self, request: GenerationRequest) -> GenerationStream:
         loaded = self._require_ready()
+        self._require_serving()
         max_tokens = self._max_tokens(request)
         steering = resolve_steering(request.steering, self._steering_defaults, self._behavior_defaults)
         events: asyncio.Queue = asyncio.Queue()
@@ -234,11 +294,12 @@ class Engine:
             output=TextOutput(loaded.tokenizer, request.prompt_token_ids, request.sampling.stop, emit),
             emit=emit,
             generator=self._generator(request.sampling.seed),
+            deadline=self._deadline(),
         )
         holder["seq"] = seq
         self._queue.put(seq)  # may raise QueueFullError
         self._report_queue()
-        return GenerationStream(holder, events, self._queue.wake)
+        return GenerationStream(holder, events, self._queue)
 
     def _max_tokens(self, request: GenerationRequest) -> int:
         prompt_len = len(request.prompt_token_ids)
@@ -260,6 +321,10 @@ class Engine:
                 code="context_length_exceeded",
             )
         return asked if asked is not None else min(self.settings.default_max_tokens, room)
+
+    def _deadline(self) -> float | None:
+        timeout = self.settings.request_timeout
+        return None if timeout is None else time.monotonic() + timeout
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -287,6 +352,11 @@ class Engine:
             for backtrack in event.steering.backtracks:
                 m.observe_backtrack(backtrack.tokens_retracted)
 
+    def _observe_retired(self, seq: Sequence) -> None:
+        """Count the work of a sequence that left without a Finished event (cancelled or failed)."""
+        if not seq.reported:
+            self.metrics.observe_tokens(len(seq.prompt), seq.decoded_tokens, seq.discarded)
+
     def _report_queue(self) -> None:
         stats = self._queue.stats()
         self.metrics.set_queue(stats["waiting"], stats["running"])
@@ -295,6 +365,22 @@ class Engine:
         if not self.ready or self._loaded is None:
             raise EngineNotReadyError()
         return self._loaded
+
+    def _require_serving(self) -> None:
+        state = self.health()
+        if state == "draining":
+            raise ShuttingDownError()
+        if state in ("dead", "stalled"):
+            raise EngineUnavailableError(f"The decode worker is {state}; the server needs a restart.")
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """Characters in the vocabulary's longest token (0 if the tokenizer cannot say)."""
+    try:
+        return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
+    except Exception:  # an exotic tokenizer: skip the character pre-check, the token count still applies
+        log.warning("could not measure the vocabulary's longest token; prompts are only checked after tokenising")
+        return 0
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

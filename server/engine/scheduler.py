@@ -5,12 +5,18 @@ hands waiting ones to the worker. `Scheduler.run` is the worker thread's loop: e
 prefills one chunk of the newcomers that arrived together (so neither a burst of clients nor a
 long prompt stalls the running streams for more than a chunk), then decodes one token for every
 running row.
+
+Failures stay where they belong: a row whose own step work fails (sampling, probe, its Python
+bookkeeping) fails alone inside `Batch.step`; an exception from the batched forward pass fails the
+rows of that step; a waiting request that passes its deadline fails alone. `heartbeat` lets the
+engine tell a stuck or dead worker from a busy one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from contextlib import nullcontext
 
@@ -19,7 +25,7 @@ import torch
 from server.engine.batch import Batch
 from server.engine.prefill import PrefillGroup
 from server.engine.sequence import Sequence
-from server.errors import QueueFullError
+from server.errors import QueueFullError, QueueTimeoutError, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +45,38 @@ class RequestQueue:
             self._waiting.append(seq)
             self._cond.notify()
 
+    def discard(self, seq: Sequence) -> None:
+        """Forget a waiting sequence (its client went away): its place is free at once."""
+        with self._cond:
+            try:
+                self._waiting.remove(seq)
+            except ValueError:  # already taken by the worker, which drops it after its step
+                pass
+
     def take(self, limit: int, block: bool) -> list[Sequence]:
-        """Up to `limit` waiting sequences (cancelled ones are dropped); blocks while idle."""
+        """Up to `limit` waiting sequences; blocks while idle. Cancelled ones are dropped, and
+        ones past their deadline fail with a 503 without running."""
         with self._cond:
             while block and not self._waiting and not self._closed:
                 self._cond.wait()
-            taken = []
+            taken, expired, now = [], [], time.monotonic()
             while self._waiting and len(taken) < limit:
                 seq = self._waiting.popleft()
-                if not seq.cancelled:
+                if seq.expired(now):
+                    expired.append(seq)
+                elif not seq.cancelled:
                     taken.append(seq)
             self._running += len(taken)
-            return taken
+        for seq in expired:
+            seq.fail(QueueTimeoutError())
+        return taken
+
+    def drain_waiting(self) -> list[Sequence]:
+        """Remove and return every waiting sequence."""
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            return waiting
 
     def done(self, n: int) -> None:
         with self._cond:
@@ -76,7 +102,7 @@ class RequestQueue:
 
 class Scheduler:
     def __init__(self, batch: Batch, queue: RequestQueue, max_batch_size: int, pad_id: int,
-                 prefill_chunk_tokens: int = 512, on_step=None):
+                 prefill_chunk_tokens: int = 512, on_step=None, on_retired=None):
         self.batch = batch
         self.queue = queue
         self.max_batch_size = max_batch_size
@@ -84,6 +110,9 @@ class Scheduler:
         self.pad_id = pad_id
         self._group: PrefillGroup | None = None  # newcomers being prefilled
         self._on_step = on_step or (lambda: None)
+        self._on_retired = on_retired or (lambda seq: None)  # each sequence that left the batch
+        self.heartbeat = time.monotonic()  # when the worker last started or ended an iteration
+        self._abort: ServerError | None = None  # set from another thread: fail everything with it
 
     def run(self) -> None:
         with torch.inference_mode():
@@ -92,12 +121,22 @@ class Scheduler:
                     self._iteration()
                 except Exception:  # a bug must fail the requests it hit, not kill the worker
                     log.exception("decode step failed; failing the running requests")
-                    self._fail_all()
+                    self._fail_running()
+
+    def abort(self, error: ServerError) -> None:
+        """Fail every running and waiting request with `error` (thread-safe; used at shutdown)."""
+        self._abort = error
+        self.queue.wake()
 
     def _iteration(self) -> None:
+        self.heartbeat = time.monotonic()
+        if self._abort is not None:
+            self.fail_outstanding(self._abort)
+            self._abort = None
         if self._group is None:
             idle = not self.batch.rows
             newcomers = self.queue.take(self.max_batch_size - len(self.batch), block=idle)
+            self.heartbeat = time.monotonic()  # waiting for work is not being stuck
             if newcomers:
                 self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id)
                 log.debug("prefilling %d newcomers (%d columns) beside %d running rows",
@@ -105,11 +144,25 @@ class Scheduler:
         if self._group is not None:
             self._prefill_chunk()
         if self.batch.rows:
+            self._expire(time.monotonic())
+            self._retire(self.batch.remove_finished())
+        if self.batch.rows:
             self.batch.step()
-        finished = self.batch.remove_finished()  # also drops rows whose client went away
-        if finished:
-            self.queue.done(len(finished))
+        self._retire(self.batch.remove_finished())  # also drops rows whose client went away
         self._on_step()
+        self.heartbeat = time.monotonic()
+
+    def _retire(self, seqs: list[Sequence]) -> None:
+        if seqs:
+            self.queue.done(len(seqs))
+            for seq in seqs:
+                self._on_retired(seq)
+
+    def _expire(self, now: float) -> None:
+        for row in self.batch.rows:
+            if row.expired(now) and not row.cancelled:
+                log.info("request %s reached its deadline after %d tokens", row.request.request_id, row.decoded_tokens)
+                row.expire()
 
     def _prefill_chunk(self) -> None:
         group = self._group
@@ -120,10 +173,18 @@ class Scheduler:
             self.batch.add_group(group)
             self._group = None
 
-    def _fail_all(self) -> None:
+    def _fail_running(self, error: ServerError | None = None) -> None:
         failed = list(self.batch.rows) + (self._group.seqs if self._group else [])
         self._group = None
         for seq in failed:
-            seq.fail()
+            seq.fail(error)
         self.batch.remove_finished()
         self.queue.done(len(failed))
+        for seq in failed:
+            self._on_retired(seq)
+
+    def fail_outstanding(self, error: ServerError) -> None:
+        """Fail the running rows, the group being prefilled and every waiting request."""
+        self._fail_running(error)
+        for seq in self.queue.drain_waiting():
+            seq.fail(error)

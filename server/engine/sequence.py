@@ -5,6 +5,10 @@ for every position already in the cache; `next_input` is the token the next forw
 position `next_pos == len(cols)`. Normally that is the newest generated token; after a backtrack it
 is the last kept token (or the last prompt token), re-fed so the next token comes from a steered
 forward pass (DESIGN.md §2 step 3).
+
+Every sequence ends (README "Limits"): backtracks are capped by `max_backtracks`, the tokens it may
+throw away by `discard_budget` (so kept + discarded <= DECODE_BUDGET_FACTOR * max_tokens), and an
+optional `deadline` ends it with finish_reason "length", as llama.cpp's time limit does.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from server.errors import ServerError
 from server.steering.bank import steering_strength
 from server.steering.policy import SteeringConfig, check_due, tokens_to_drop
 
+# Tokens decoded per choice, kept and discarded together, are at most this many times max_tokens.
+DECODE_BUDGET_FACTOR = 4
+
 
 class Phase(enum.Enum):
     PREFILL = "prefill"
@@ -46,6 +53,7 @@ class Sequence:
     output: TextOutput
     emit: Callable[[EngineEvent], None]
     generator: torch.Generator | None = None
+    deadline: float | None = None  # time.monotonic() after which the sequence is cut short
     phase: Phase = Phase.PREFILL
     generated: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
@@ -60,6 +68,7 @@ class Sequence:
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
     dropped_cols: list[int] = field(default_factory=list)  # cache columns a backtrack freed
     cancelled: bool = False
+    reported: bool = False  # its Finished event was emitted
 
     def __post_init__(self):
         self.next_input = self.prompt[-1]
@@ -80,9 +89,26 @@ class Sequence:
         return self.steering is not None and self.steering.monitors
 
     @property
+    def discard_budget(self) -> int:
+        return (DECODE_BUDGET_FACTOR - 1) * self.max_tokens
+
+    @property
     def can_backtrack(self) -> bool:
         s = self.steering
-        return s is not None and s.mode == "fasb" and len(self.backtracks) < s.max_backtracks
+        return (
+            s is not None
+            and s.mode == "fasb"
+            and len(self.backtracks) < s.max_backtracks
+            and self.discarded + s.backtrack_tokens <= self.discard_budget
+        )
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens generated so far, kept or thrown away (for metrics of work that never finished)."""
+        return len(self.generated) + self.discarded
 
     @property
     def wants_logprobs(self) -> bool:
@@ -168,6 +194,7 @@ class Sequence:
 
     def _finish(self) -> None:
         self.phase = Phase.DONE
+        self.reported = True
         self.output.finish()
         self.emit(
             Finished(
@@ -179,9 +206,14 @@ class Sequence:
             )
         )
 
-    def fail(self) -> None:
+    def expire(self) -> None:
+        """The deadline passed: end now with what the answer has, as finish_reason "length"."""
+        self.finish_reason = "length"
+        self._finish()
+
+    def fail(self, error: ServerError | None = None) -> None:
         self.phase = Phase.DONE
-        self.emit(ServerError("generation failed inside the engine; see the server log"))
+        self.emit(error or ServerError("generation failed inside the engine; see the server log"))
 
     def report(self) -> SteeringReport | None:
         cfg = self.steering

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import EngineDep, RecordDep, check_model
+from server.api.deps import EngineDep, RecordDep, check_choices, check_model
 from server.api.errors import ERROR_RESPONSES
 from server.api.protocol import (
     AssistantMessage,
@@ -26,8 +27,10 @@ async def create_chat_completion(
 ) -> Response | ChatCompletionResponse:
     """Create a chat completion, streamed or not; the `steering` extension controls FASB."""
     check_model(engine, body.model)
+    check_choices(engine, body.n)
     record.model = body.model
-    prompt = engine.encode_chat(body.engine_messages())
+    # Templating and tokenising a long prompt take a while: never on the event loop.
+    prompt = await run_in_threadpool(engine.encode_chat, body.engine_messages())
     sampling = body.to_sampling_params()
     chunks = ChatChunks(id=f"chatcmpl-{record.request_id}", model=engine.model_name, with_logprobs=body.logprobs)
     return await generate(request, engine, record, body, prompt, sampling, chunks, chat_completion)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import EngineDep, RecordDep, check_model
+from server.api.deps import EngineDep, RecordDep, check_choices, check_model
 from server.api.errors import ERROR_RESPONSES
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.api.routes.generate import generate
@@ -20,8 +21,9 @@ async def create_completion(
 ) -> Response | CompletionResponse:
     """Continue a raw prompt (no chat template), streamed or not; `steering` controls FASB."""
     check_model(engine, body.model)
+    check_choices(engine, body.n)
     record.model = body.model
-    prompt = engine.encode_prompt(body.prompt)
+    prompt = await run_in_threadpool(engine.encode_prompt, body.prompt)  # off the event loop, as in chat
     sampling = body.to_sampling_params()
     chunks = CompletionChunks(id=f"cmpl-{record.request_id}", model=engine.model_name, with_logprobs=sampling.logprobs)
     return await generate(request, engine, record, body, prompt, sampling, chunks, text_completion)

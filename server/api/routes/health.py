@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.errors import EngineNotReadyError, ServerError
+from server.errors import EngineNotReadyError, EngineUnavailableError, ServerError, ShuttingDownError
 
 router = APIRouter(tags=["operations"])
 
@@ -16,11 +16,18 @@ class EngineFailedError(ServerError):
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, str]:
-    """200 once the model is loaded; 503 while it loads; 500 if loading failed."""
+    """200 while the server can take requests. 503 while the model loads, while it drains on
+    SIGTERM, and when the decode worker is dead or stuck (restart the process); 500 if loading failed.
+    A liveness probe should restart the server on 500 and on a 503 with code `engine_unhealthy`."""
     if request.app.state.engine_failed:
         raise EngineFailedError()
-    if not request.app.state.engine.ready:
+    state = request.app.state.engine.health()
+    if state == "loading":
         raise EngineNotReadyError()
+    if state == "draining":
+        raise ShuttingDownError()
+    if state != "ok":
+        raise EngineUnavailableError(f"The decode worker is {state}; the server needs a restart.")
     return {"status": "ok"}
 
 

@@ -1,0 +1,48 @@
+"""Servers for the reliability tier: the real server process on the tiny random model, with a
+synthetic steering artifact so that every steering mode (and forced backtracks) can be sent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tests.e2e.harness import ServerProcess, running_server
+from tests.synthetic_artifact import write_synthetic_artifact
+
+LONG_CONTEXT = 4096  # room for generations that only a deadline, a disconnect or SIGTERM can end
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with 4096 positions (RoPE has no learned positions: only the limit changes)."""
+    folder = tmp_path_factory.mktemp("tiny-long-reliability") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(long_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reliability-artifact")
+    model = AutoModelForCausalLM.from_pretrained(long_model_dir)
+    return write_synthetic_artifact(model, folder, behavior="synthetic", heads=4, seed=3)
+
+
+def server_args(model_dir: Path, artifact: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_dir), "--no-default-artifacts", "--artifact", str(artifact), *extra]
+
+
+@pytest.fixture(scope="module")
+def server(long_model_dir, artifact_dir, tmp_path_factory) -> Iterator[ServerProcess]:
+    """Batches of 4, a queue of 8; everything else at its default."""
+    log_path = tmp_path_factory.mktemp("reliability-logs") / "server.log"
+    args = server_args(long_model_dir, artifact_dir, "--max-batch-size", "4", "--max-queue", "8")
+    with running_server(args, log_path) as process:
+        yield process
