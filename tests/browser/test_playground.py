@@ -47,12 +47,12 @@ def page(browser, keyed_server):
     page.route("**/*", only_local)
     page.goto(f"{keyed_server.base_url}/")
     # Without the key /v1/models is a 401: the page shows the error and asks for the key.
-    page.locator("#key-form").wait_for(state="visible")
-    assert "401" in page.locator("#alert").inner_text()
+    expect(page.locator("#alert")).to_contain_text("401")
+    expect(page.locator("#key-form")).to_be_visible()
     page.fill("#api-key", API_KEY)
     page.press("#api-key", "Enter")
     page.wait_for_function("document.getElementById('model').textContent.includes(%r)" % keyed_server.model)
-    assert page.locator("#alert").is_hidden()
+    expect(page.locator("#alert")).to_be_hidden()
     yield page
     context.close()
     assert not problems, problems
@@ -90,19 +90,19 @@ def shown_text(answer) -> str:
 
 
 def test_chat_streams_the_greedy_answer_the_api_gives(page, keyed_server, screenshots):
-    configure(page, mode="off", max_tokens=24, temperature=0)
+    configure(page, mode="off", max_tokens=16, temperature=0)
     send(page)
     answer = page.locator(".msg.assistant").last
     answer.locator(".tok").first.wait_for(timeout=STREAM_TIMEOUT_MS)  # text appears while streaming
     wait_done(answer)
     assert answer.get_attribute("data-state") == "done"
     assert answer.locator(".tok").count() > 1  # one span per streamed delta
-    assert shown_text(answer) == api_answer(keyed_server, 24, {"mode": "off"})
+    assert shown_text(answer) == api_answer(keyed_server, 16, {"mode": "off"})
     page.screenshot(path=screenshots / "chat.png")
 
 
 def test_forced_backtrack_is_struck_through_then_replaced(page, keyed_server, screenshots):
-    configure(page, mode="fasb", threshold=0.99, max_tokens=32, temperature=0)
+    configure(page, mode="fasb", threshold=0.99, max_tokens=16, temperature=0)
     page.check("#return-scores")
     send(page)
     answer = page.locator(".msg.assistant").last
@@ -112,7 +112,7 @@ def test_forced_backtrack_is_struck_through_then_replaced(page, keyed_server, sc
     assert answer.get_attribute("data-state") == "done"
     answer.locator(".tok.retracted").first.wait_for(state="detached")  # struck text goes after a moment
     assert answer.locator(".tok.regen").count() > 0
-    assert shown_text(answer) == api_answer(keyed_server, 32, {"mode": "fasb", "threshold": 0.99})
+    assert shown_text(answer) == api_answer(keyed_server, 16, {"mode": "fasb", "threshold": 0.99})
     # return_scores: every kept token coloured by its own score, the chart with threshold and backtracks.
     assert answer.get_attribute("data-scoring") == "per-token"
     assert answer.locator(".tok[data-score]").count() == answer.locator(".tok").count()
@@ -129,7 +129,7 @@ def test_forced_backtrack_is_struck_through_then_replaced(page, keyed_server, sc
 
 def test_compare_shows_two_answers_side_by_side(page, screenshots):
     page.check("#compare")
-    configure(page, mode="off", mode_b="fasb", threshold_b=0.99, max_tokens=24, temperature=0)
+    configure(page, mode="off", mode_b="fasb", threshold_b=0.99, max_tokens=16, temperature=0)
     send(page)
     sides = page.locator(".compare .msg.assistant")
     assert sides.count() == 2

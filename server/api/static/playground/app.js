@@ -333,7 +333,8 @@ function scoreChart(scores, backtracks, threshold) {
   svg.append(svgEl("title", {}, `Probe score per token; threshold ${threshold}; ${backtracks.length} backtrack(s)`));
   svg.append(svgEl("rect", { x: pad, y: y(1), width: W - 2 * pad, height: y(0) - y(1), class: "frame" }));
   svg.append(svgEl("line", { x1: pad, x2: W - pad, y1: y(threshold), y2: y(threshold), class: "threshold" }));
-  svg.append(svgEl("text", { x: W - pad, y: y(threshold) - 3, "text-anchor": "end", class: "label" }, `threshold ${threshold}`));
+  const labelY = threshold > 0.85 ? y(threshold) + 12 : y(threshold) - 4; // keep it inside the frame
+  svg.append(svgEl("text", { x: W - pad - 2, y: labelY, "text-anchor": "end", class: "label" }, `threshold ${threshold}`));
   svg.append(svgEl("text", { x: 2, y: y(1) + 4, class: "label" }, "1"));
   svg.append(svgEl("text", { x: 2, y: y(0), class: "label" }, "0"));
   const points = scores.map((p, i) => `${x(i).toFixed(1)},${y(p).toFixed(1)}`).join(" ");
