@@ -38,7 +38,9 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API runs an event loop on this thread while it is
+# open, and pytest-asyncio cannot start its own for the async tests of later modules meanwhile.
+@pytest.fixture(scope="module")
 def browser(chromium_path):
     if os.environ.get("CI"):
         import playwright.sync_api as sync_api  # in CI a missing playwright is a failure, not a skip

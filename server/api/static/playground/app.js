@@ -247,7 +247,7 @@ class AnswerView {
     }));
   }
 
-  finish(choice, usage) {
+  finish(choice) {
     const report = choice.steering;
     const parts = [`finish: ${choice.finish_reason}`];
     if (report) {
@@ -323,7 +323,8 @@ function svgEl(name, attrs, text) {
 }
 
 // Score over the answer's tokens, the threshold as a dashed line, each backtrack as a point at
-// the token where the check fired and the score that fired it.
+// the token where the check fired and the score that fired it (the discarded text's score, so it
+// need not lie on the line, which is the final text's), plus a dotted line where regeneration began.
 function scoreChart(scores, backtracks, threshold) {
   const W = 600, H = 120, pad = 24;
   const n = Math.max(scores.length, 2);
@@ -340,6 +341,9 @@ function scoreChart(scores, backtracks, threshold) {
   const points = scores.map((p, i) => `${x(i).toFixed(1)},${y(p).toFixed(1)}`).join(" ");
   svg.append(svgEl("polyline", { points, class: "scores" }));
   for (const b of backtracks) {
+    // Where the regenerated text starts: the check's position less the tokens it took back.
+    const from = x(Math.max(0, Math.min(b.token_index - b.tokens_retracted, n - 1)));
+    svg.append(svgEl("line", { x1: from, x2: from, y1: y(1), y2: y(0), class: "resume" }));
     const dot = svgEl("circle", { cx: x(Math.min(b.token_index, n - 1)), cy: y(b.probe_score), r: 5, class: "backtrack" });
     dot.append(svgEl("title", {}, `backtrack at token ${b.token_index}: score ${b.probe_score.toFixed(3)}, ` +
       `${b.tokens_retracted} tokens retracted, strength ${b.strength.toFixed(2)}`));
@@ -354,7 +358,6 @@ async function streamInto(view, body) {
   const controller = new AbortController();
   state.running.push(controller);
   updateButtons();
-  let usageSeen = null;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: apiHeaders(), body: JSON.stringify(body), signal: controller.signal,
@@ -363,7 +366,6 @@ async function streamInto(view, body) {
     for await (const chunk of sseEvents(response, controller.signal)) {
       if (chunk.error) throw new ApiError(0, chunk.error); // an error after the stream started
       if (chunk.usage && !chunk.choices?.length) {
-        usageSeen = chunk.usage;
         view.showUsage(chunk.usage);
         continue;
       }
@@ -372,7 +374,7 @@ async function streamInto(view, body) {
         else if (choice.delta?.content || choice.logprobs?.content?.length) {
           view.append(choice.delta?.content || "", choice.logprobs?.content?.length || 0);
         }
-        if (choice.finish_reason) view.finish(choice, usageSeen);
+        if (choice.finish_reason) view.finish(choice);
       }
     }
     view.end("done");
