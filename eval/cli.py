@@ -1,4 +1,5 @@
-"""`python -m eval truthfulqa {mc,gen,sweep} ...` and `python -m eval mc --task ...`: print a table, write JSON
+"""`python -m eval truthfulqa {mc,gen,sweep} ...`, `python -m eval mc --task ...` and
+`python -m eval false-alarm --artifact ...`: print a table, write JSON
 (see eval/README.md)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import logging
 import sys
 
 from eval.truthfulqa_data import DEFAULT_DATA_DIR
+from steering_artifacts.false_alarm import DEFAULT_SET as FALSE_ALARM_SET
 
 DEFAULT_ALPHAS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
 DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
@@ -60,17 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--batch-rows", type=int, default=16)
     sweep.add_argument("--max-tokens", type=int, default=50)
     sweep.add_argument("--max-batch-size", type=int, default=8)
+    sweep.add_argument("--max-false-alarm", type=float, default=0.05,
+                       help="gen: only thresholds at which the monitor fires on at most this share of correct answers")
+    sweep.add_argument("--false-alarm-set", default=str(FALSE_ALARM_SET), help="gen: JSONL of correct answers")
     sweep.add_argument("--write-recommended", action="store_true", help="write the chosen values into the manifest")
+    from eval.false_alarm import add_parser as add_false_alarm_parser
     from eval.mc_tasks_cli import add_mc_parser
 
     add_mc_parser(benchmarks)
+    add_false_alarm_parser(benchmarks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.benchmark == "mc":
+    if args.benchmark == "false-alarm":
+        from eval.false_alarm import run
+
+        run(args)
+    elif args.benchmark == "mc":
         from eval.mc_tasks_cli import run
 
         run(args)

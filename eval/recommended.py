@@ -56,9 +56,10 @@ def finish_sweep(args, info: dict, rows: tuple[dict, list[dict], list[dict]], be
     payload = {**info, "baseline": baseline, "iti": iti_rows, "fasb": fasb_rows,
                "chosen": {"fasb": best_fasb, "iti": best_iti}}
     if args.write_recommended:
+        extra = {"false_alarm_rate": best_fasb["false_alarm"]} if "false_alarm" in best_fasb else {}
         write_recommended(args.artifact, {
             "alpha": best_fasb["alpha"], "threshold": best_fasb["threshold"], "backtrack_tokens": args.backtrack_tokens,
-            "iti_alpha": best_iti["alpha"],
+            "iti_alpha": best_iti["alpha"], **extra,
             "chosen_by": f"eval {kind} sweep on {info['questions']} validation questions ({rule}): {info['command']}",
         })
     write_json(payload, args.out, name)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from eval.bootstrap import bootstrap_interval, format_interval, paired_difference
 from eval.generation import Generated, generate, start_engine, stop_engine
 from eval.judge import MiniLMEmbedder, embed_references, is_uninformative, judge_answers
 from eval.recommended import finish_sweep, row_values
@@ -81,6 +82,44 @@ def _summary(name: str, steering: SteeringParams, answers: list[Generated], reco
     }
 
 
+# Per-question values whose means are the summary's metrics (the ones that get intervals).
+PER_QUESTION = {
+    "truthful": lambda r: float(r["truthful"]),
+    "informative": lambda r: float(not r["uninformative"]),
+    "true_and_informative": lambda r: float(r["truthful"] and not r["uninformative"]),
+    "uninformative": lambda r: float(r["uninformative"]),
+    "backtracks": lambda r: float(r["backtracks"]),
+    "discarded_tokens": lambda r: float(r["discarded_tokens"]),
+    "answer_tokens": lambda r: float(r["completion_tokens"]),
+}
+DIFFERENCES = (("FASB", "baseline"), ("FASB", "ITI"))
+
+
+def per_question(records: list[dict]) -> dict[str, list[float]]:
+    return {metric: [value(r) for r in records] for metric, value in PER_QUESTION.items()}
+
+
+def interval_report(answers: dict[str, list[dict]], seed: int = 0) -> dict:
+    """Bootstrap 95% intervals of every metric per row, and paired intervals of FASB - off and FASB - ITI."""
+    values = {name: per_question(records) for name, records in answers.items()}
+    report = {"method": "percentile bootstrap over questions, 2000 resamples, paired for differences",
+              "rows": {name: {m: bootstrap_interval(v, seed=seed) for m, v in metrics.items()}
+                       for name, metrics in values.items()},
+              "differences": {}}
+    for a, b in DIFFERENCES:
+        if a in values and b in values:
+            report["differences"][f"{a} - {b}"] = {m: paired_difference(values[a][m], values[b][m], seed=seed)
+                                                   for m in PER_QUESTION}
+    return report
+
+
+def print_intervals(report: dict) -> None:
+    rows = [{"row": name, **{m: format_interval(i) for m, i in metrics.items()}}
+            for name, metrics in {**report["rows"], **report["differences"]}.items()]
+    print_table("means with bootstrap 95% intervals over questions (differences: paired)", rows,
+                ["row", "truthful", "informative", "true_and_informative", "backtracks"])
+
+
 def _fasb(alpha: float, threshold: float, backtrack_tokens: int) -> SteeringParams:
     return SteeringParams(mode="fasb", alpha=alpha, threshold=threshold, backtrack_tokens=backtrack_tokens)
 
@@ -100,25 +139,58 @@ def run_gen(args) -> dict:
         run.close()
     print_table(f"TruthfulQA generation, {run.info['questions']} {args.split} questions ({args.artifact})",
                 rows, GEN_COLUMNS)
-    payload = {**run.info, "rows": rows, "answers": answers}
+    intervals = interval_report(answers)
+    print_intervals(intervals)
+    payload = {**run.info, "rows": rows, "intervals": intervals, "answers": answers}
     write_json(payload, args.out, f"truthfulqa_gen_{args.split}")
     return payload
 
 
 def _best(rows: list[dict]) -> dict:
-    """Most answers both judged true and informative; ties: more judged true."""
-    return max(rows, key=lambda r: (r["true_and_informative"], r["truthful"]))
+    """Most answers both judged true and informative; ties: more judged true, then the higher threshold
+    (the most monitoring the false-alarm bar allows), then the first row."""
+    return max(rows, key=lambda r: (r["true_and_informative"], r["truthful"], r.get("threshold") or 0.0))
+
+
+def false_alarm_rates(args, thresholds) -> dict[float, float]:
+    """Monitor firing rate on the committed correct answers at each threshold (s = --backtrack-tokens).
+
+    Runs before the engine starts, so no torch work shares the process with the decode thread."""
+    from eval.runtime import load_model_and_artifact
+    from steering_artifacts.false_alarm import firing_rate, load_pairs, score_answers
+
+    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads)
+    scored = score_answers(loaded.model, loaded.tokenizer, artifact, load_pairs(args.false_alarm_set),
+                           args.backtrack_tokens)
+    mins = [a.min_check_score for a in scored]
+    del loaded
+    return {t: firing_rate(mins, t) for t in thresholds}
 
 
 def run_gen_sweep(args) -> dict:
+    """Baseline, ITI per alpha, FASB per alpha x threshold; thresholds whose false-alarm rate on the
+    correct-answer set exceeds --max-false-alarm are reported and not run (they cannot be chosen)."""
+    rates = false_alarm_rates(args, args.thresholds)
+    allowed = [t for t in args.thresholds if rates[t] <= args.max_false_alarm]
+    for t in args.thresholds:
+        log.info("threshold %.3f: false-alarm rate %.3f%s", t, rates[t],
+                 "" if t in allowed else f" > {args.max_false_alarm}: skipped")
+    if not allowed:
+        raise SystemExit(f"no threshold in {args.thresholds} keeps false alarms <= {args.max_false_alarm} "
+                         f"(rates {rates}); plain requests should default to monitor mode")
     run = GenerationRun(args)
     try:
         baseline, _ = run.row("baseline", SteeringParams(mode="off"))
         iti_rows = [run.row("ITI", SteeringParams(mode="always", alpha=a))[0] for a in args.iti_alphas]
-        fasb_rows = [run.row("FASB", _fasb(a, t, args.backtrack_tokens))[0]
-                     for a in args.alphas for t in args.thresholds]
+        fasb_rows = [run.row("FASB", _fasb(a, t, args.backtrack_tokens))[0] | {"false_alarm": rates[t]}
+                     for a in args.alphas for t in allowed]
     finally:
         run.close()
-    return finish_sweep(args, run.info, (baseline, iti_rows, fasb_rows), _best, "generation",
-                        "embedding judge, max true-and-informative, tie-break truthful", GEN_COLUMNS,
+    info = run.info | {"false_alarm_by_threshold": {str(t): r for t, r in rates.items()},
+                       "max_false_alarm": args.max_false_alarm}
+    return finish_sweep(args, info, (baseline, iti_rows, fasb_rows), _best, "generation",
+                        f"embedding judge, max true-and-informative, tie-breaks truthful then higher threshold, "
+                        f"among thresholds with "
+                        f"false alarms <= {args.max_false_alarm:g} on the correct-answer set",
+                        GEN_COLUMNS + ["false_alarm"],
                         f"truthfulqa_gen_sweep_{args.split}")

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     artifacts: list[str] = Field(default_factory=list, description="extra artifact folders to load")
     no_default_artifacts: bool = Field(False, description="do not load the prebuilt artifacts for the model")
     default_behavior: str | None = None
-    steering_mode: Literal["off", "monitor", "always", "fasb"] = "fasb"
+    # monitor, not fasb: on the default model no threshold keeps false alarms on correct answers <= 5%
+    # and still intervenes (issue 15; README "Steering"). Requests ask for fasb with "mode": "fasb".
+    steering_mode: Literal["off", "monitor", "always", "fasb"] = "monitor"
     alpha: float | None = Field(None, ge=0, le=1000)
     threshold: float | None = Field(None, ge=0, le=1)
     backtrack_tokens: int | None = Field(None, ge=1, le=256)

@@ -14,8 +14,10 @@ import torch
 from server.engine.loader import load_model
 from server.steering.artifact import SteeringArtifact, artifacts_root, model_fingerprint, model_slug, save_artifact
 from steering_artifacts import probes
+from steering_artifacts.calibration import expected_calibration_error, plot_reliability
 from steering_artifacts.collect import cache_key, cached_activations, collect_activations
-from steering_artifacts.datasets import Dataset, load_dataset
+from steering_artifacts.datasets import Dataset, load_dataset, load_jsonl
+from steering_artifacts.positions import BUCKETS, answer_starts, bucket, read_plan
 from steering_artifacts.prompts import encode
 from steering_artifacts.split import Split, split_by_group
 
@@ -27,6 +29,15 @@ ACTIVATION_POSITION = {
     "chat": "last token of the answer in the assistant turn (the template's end-of-turn token is not included)",
 }
 SIGMA_SOURCE = "train+validation activations of the build dataset, in the artifact's prompt format"
+RELIABILITY_PNG = "reliability.png"
+
+
+def _position_text(config: "BuildConfig") -> str:
+    if not config.answer_positions:
+        return ACTIVATION_POSITION[config.prompt_format]
+    return (f"answer-prefix positions ({config.prompt_format} format): answer tokens t >= min({config.first_position}, "
+            f"answer length) (1-based), up to {config.answer_positions} per answer evenly spaced, always the last; "
+            "each labelled with the answer's label")
 
 
 @dataclass
@@ -47,6 +58,10 @@ class BuildConfig:
     threshold: float = 0.5
     backtrack_tokens: int = 10
     eval_formats: tuple[str, ...] = ()  # extra prompt formats to report held-out accuracy in
+    answer_positions: int = 0  # >0: read up to this many answer-prefix positions per answer (0: last token only)
+    positions_from: int | None = None  # first answer token read (1-based; default backtrack_tokens, as the monitor)
+    false_alarm_set: str | None = "default"  # correct answers the monitor should not fire on; None: skip
+    extra_train: str | None = None  # a JSONL dataset added to the training split only (never validated/tested on)
     batch_tokens: int = 2048
     max_pack_tokens: int = 1024
     cache_dir: str | None = None  # default: steering_artifacts/.activations (git-ignored)
@@ -56,15 +71,34 @@ class BuildConfig:
     progress: bool = True
     command: str | None = None  # the command line, recorded in the manifest
 
+    @property
+    def first_position(self) -> int:
+        return self.positions_from if self.positions_from is not None else self.backtrack_tokens
+
 
 @dataclass
 class Activations:
-    """Head activations [N, L, H, D] (float16) of one dataset in one prompt format."""
+    """Head activations [M, L, H, D] (float16) of one dataset in one prompt format: one row per read
+    position; `example[m]` is the example it belongs to, `position[m]` its 0-based answer position
+    and `length[m]` the answer's length in tokens."""
 
     values: np.ndarray
     seconds: float
     cpu_seconds: float
     from_cache: bool
+    example: np.ndarray
+    position: np.ndarray
+    length: np.ndarray
+
+    def rows(self, examples: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Row indices of these examples (only each answer's last token with `last_only`)."""
+        chosen = np.isin(self.example, examples)
+        if last_only:
+            chosen &= self.position == self.length - 1
+        return np.flatnonzero(chosen)
+
+    def buckets(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([bucket(int(j), int(n)) for j, n in zip(self.position[rows], self.length[rows])])
 
     def select(self, rows: np.ndarray, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
         chosen = self.values[rows]
@@ -81,9 +115,18 @@ class BuildResult:
     report: dict = field(default_factory=dict)
 
 
-def _collect(config: BuildConfig, loaded, dataset: Dataset, prompt_format: str) -> Activations:
+def _collect(config: BuildConfig, loaded, dataset: Dataset, prompt_format: str,
+             answer_positions: int = 0) -> Activations:
     model = loaded.model
     token_ids = encode(dataset.examples, prompt_format, loaded.tokenizer)
+    starts = answer_starts(dataset.examples, token_ids, prompt_format, loaded.tokenizer)
+    if answer_positions:
+        reads, example, position, length = read_plan(token_ids, starts, config.first_position, answer_positions)
+    else:  # the last token only: what earlier builds did, and the same cache entries
+        reads = None
+        example = np.arange(len(token_ids))
+        length = np.array([len(ids) - start for ids, start in zip(token_ids, starts)])
+        position = length - 1
     cfg = model.config.get_text_config()
     num_heads, head_dim = (
         cfg.num_attention_heads,
@@ -105,21 +148,39 @@ def _collect(config: BuildConfig, loaded, dataset: Dataset, prompt_format: str) 
             config.batch_tokens,
             config.max_pack_tokens,
             progress=config.progress,
+            reads=reads,
         )
 
-    flat = cached_activations(cache_dir, cache_key(model_hash, token_ids), compute)
+    flat = cached_activations(cache_dir, cache_key(model_hash, token_ids, reads), compute)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     log.info(
-        "activations (%s): %d prompts, %d tokens, %.1fs wall, %.1fs CPU%s",
+        "activations (%s): %d prompts, %d positions read, %d tokens, %.1fs wall, %.1fs CPU%s",
         prompt_format,
         len(token_ids),
+        len(example),
         sum(map(len, token_ids)),
         seconds,
         cpu_seconds,
         "" if computed else " (cache)",
     )
-    values = flat.reshape(len(token_ids), cfg.num_hidden_layers, num_heads, head_dim)
-    return Activations(values, seconds, cpu_seconds, from_cache=not computed)
+    values = flat.reshape(len(example), cfg.num_hidden_layers, num_heads, head_dim)
+    return Activations(values, seconds, cpu_seconds, not computed, example, position, length)
+
+
+def _with_extra(acts: Activations, extra: Activations, num_examples: int) -> Activations:
+    """Append the extra training examples' rows; their example indices follow the main dataset's."""
+    return Activations(
+        np.concatenate([acts.values, extra.values]), acts.seconds + extra.seconds,
+        acts.cpu_seconds + extra.cpu_seconds, acts.from_cache and extra.from_cache,
+        np.concatenate([acts.example, extra.example + num_examples]),
+        np.concatenate([acts.position, extra.position]), np.concatenate([acts.length, extra.length]),
+    )
+
+
+def _row_split(acts: Activations, split: Split, last_only: bool = False) -> Split:
+    """The example split carried over to activation rows (an answer's positions stay in its split)."""
+    return Split(acts.rows(split.train, last_only), acts.rows(split.val, last_only), acts.rows(split.test, last_only),
+                 split.test_groups, split.val_groups)
 
 
 def _select_heads(acts: Activations, labels: np.ndarray, split: Split, config: BuildConfig):
@@ -174,6 +235,39 @@ def _held_out_scores(acts: Activations, labels, split: Split, top, weights, bias
     }
 
 
+def _position_report(acts: Activations, labels, rows: Split, top, weights, biases) -> tuple[dict, dict]:
+    """Held-out (test questions) accuracy, ECE and mean P(desired) per class, per position bucket."""
+    test = rows.test
+    p = probes.ensemble_probability(acts.select(test, top), weights, biases)
+    y, names = labels[test], acts.buckets(test)
+    report, curves = {}, {}
+    for name in ("all", *BUCKETS):
+        members = np.ones(len(test), bool) if name == "all" else names == name
+        if not members.any():
+            continue
+        pm, ym = p[members], y[members]
+        report[name] = {
+            "rows": int(members.sum()),
+            "accuracy": float(((pm > 0.5) == ym.astype(bool)).mean()),
+            "ece": expected_calibration_error(pm, ym),
+            "mean_p_desired": float(pm[ym == 1].mean()) if (ym == 1).any() else None,
+            "mean_p_undesired": float(pm[ym == 0].mean()) if (ym == 0).any() else None,
+        }
+        if name != "all":
+            curves[name] = (pm, ym)
+    return report, curves
+
+
+def _false_alarm(config: BuildConfig, loaded, artifact: SteeringArtifact) -> dict:
+    """Monitor firing rate on the committed correct answers, at the builder's (provisional) threshold."""
+    from steering_artifacts.false_alarm import DEFAULT_SET, false_alarm_report, load_pairs, score_answers
+
+    source = DEFAULT_SET if config.false_alarm_set == "default" else Path(config.false_alarm_set)
+    scored = score_answers(loaded.model, loaded.tokenizer, artifact, load_pairs(source), config.backtrack_tokens,
+                           progress=config.progress)
+    return false_alarm_report(scored, config.threshold, config.backtrack_tokens, source)
+
+
 def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, report: dict) -> dict:
     examples = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
     test_questions = sorted({dataset.examples[i].question for i in split.test if dataset.examples[i].question})
@@ -183,7 +277,7 @@ def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, 
         "model_id": loaded.model_id,
         "fingerprint": model_fingerprint(loaded.model, [layer for layer, _ in top]),
         "prompt_format": config.prompt_format,
-        "activation_position": ACTIVATION_POSITION[config.prompt_format],
+        "activation_position": _position_text(config),
         "direction_method": config.direction,
         "sigma_source": SIGMA_SOURCE,
         "dataset": {
@@ -233,22 +327,40 @@ def build(config: BuildConfig) -> BuildResult:
         len(set(dataset.groups())),
         100 * labels.mean(),
     )
-    acts = _collect(config, loaded, dataset, config.prompt_format)
+    acts = _collect(config, loaded, dataset, config.prompt_format, config.answer_positions)
     split = split_by_group(dataset.groups(), config.split, config.seed)
-    log.info("split by group: %d/%d/%d examples (train/val/test)", len(split.train), len(split.val), len(split.test))
-    top, weights, biases, val_accuracy = _select_heads(acts, labels, split, config)
-    fit_rows = np.concatenate([split.train, split.val])
+    extra = load_jsonl(config.extra_train) if config.extra_train else None
+    if extra is not None:
+        # Extra examples only ever train: the split (and the held-out ids evaluation reads) stays the dataset's.
+        extra_acts = _collect(config, loaded, extra, config.prompt_format, config.answer_positions)
+        acts = _with_extra(acts, extra_acts, len(labels))
+        extra_ids = np.arange(len(labels), len(labels) + len(extra.examples))
+        split = Split(np.concatenate([split.train, extra_ids]), split.val, split.test, split.test_groups,
+                      split.val_groups)
+        labels = np.concatenate([labels, extra.labels()])
+        log.info("extra training data %s: %d examples", extra.source, len(extra.examples))
+    rows, ends = _row_split(acts, split), _row_split(acts, split, last_only=True)
+    row_labels = labels[acts.example]
+    log.info(
+        "split by group: %d/%d/%d examples, %d/%d/%d activation rows (train/val/test)",
+        len(split.train), len(split.val), len(split.test), len(rows.train), len(rows.val), len(rows.test),
+    )
+    top, weights, biases, val_accuracy = _select_heads(acts, row_labels, rows, config)
+    fit_rows = np.concatenate([rows.train, rows.val])
     fit_x = acts.select(fit_rows, top)
-    unit = probes.directions(fit_x, labels[fit_rows], weights, config.direction)
-    report = _accuracy_report(acts, labels, split, top, weights, biases, val_accuracy)
+    unit = probes.directions(fit_x, row_labels[fit_rows], weights, config.direction)
+    # The headline accuracies stay those of each answer's last token, comparable with earlier builds;
+    # `test_by_position` has every read position.
+    report = _accuracy_report(acts, row_labels, ends, top, weights, biases, val_accuracy)
+    report["test_by_position"], curves = _position_report(acts, row_labels, rows, top, weights, biases)
     report["test_ensemble_by_format"] = {
-        config.prompt_format: _held_out_scores(acts, labels, split, top, weights, biases)
+        config.prompt_format: _held_out_scores(acts, row_labels, ends, top, weights, biases)
     }
     for prompt_format in config.eval_formats:
         if prompt_format != config.prompt_format:
             other = _collect(config, loaded, dataset, prompt_format)
             report["test_ensemble_by_format"][prompt_format] = _held_out_scores(
-                other, labels, split, top, weights, biases
+                other, labels[other.example], _row_split(other, split, True), top, weights, biases
             )
     timings = {
         "collection": round(acts.seconds, 1),
@@ -265,12 +377,22 @@ def build(config: BuildConfig) -> BuildResult:
         direction=torch.tensor(unit, dtype=torch.float32),
         sigma=torch.tensor(probes.projection_std(fit_x, unit), dtype=torch.float32),
         val_accuracy=torch.tensor([val_accuracy[layer, head] for layer, head in top], dtype=torch.float32),
-        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings},
+        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings}
+        | ({"extra_train": {"source": extra.source, "sha256": extra.sha256, "num_examples": len(extra.examples),
+                            "used_for": "training only (probes, directions, sigma); never validation or test"}}
+           if extra is not None else {}),
     )
     out = Path(config.out) if config.out else artifacts_root() / model_slug(loaded.model_id) / config.behavior
+    false_alarm = {}
+    if config.false_alarm_set and config.prompt_format == "chat":
+        false_alarm = {"false_alarm": _false_alarm(config, loaded, artifact)}
+        artifact.manifest.update(false_alarm)
     save_artifact(artifact, out)
     artifact.path = out
-    report = report | {"timings_s": timings}
+    png = plot_reliability(curves, out / RELIABILITY_PNG, f"{config.behavior}: held-out test answers by position\n"
+                           f"(answer tokens from the {config.first_position}th, up to {config.answer_positions} each)"
+                           if config.answer_positions else f"{config.behavior}: held-out test answers, last token")
+    report = report | false_alarm | {"timings_s": timings, "reliability_png": str(png) if png else None}
     log_report(report, out)
     return BuildResult(artifact, out, report)
 
@@ -285,6 +407,18 @@ def log_report(report: dict, out: Path) -> None:
         by_n,
         report["majority_class_test"],
     )
+    for name, scores in report.get("test_by_position", {}).items():
+        log.info(
+            "held-out by position, %s: %d rows, accuracy %.3f, ECE %.3f; mean P(desired) %.2f / %.2f (desired / not)",
+            name, scores["rows"], scores["accuracy"], scores["ece"],
+            scores["mean_p_desired"] or float("nan"), scores["mean_p_undesired"] or float("nan"),
+        )
+    if "false_alarm" in report:
+        fa = report["false_alarm"]
+        log.info("false alarms: fires on %d of %d correct answers at threshold %.2f (s = %d); <= 5%% up to %.3f",
+                 fa["fired"], fa["answers"], fa["threshold"], fa["backtrack_tokens"], fa["max_threshold_at_5pct"])
+    if report.get("reliability_png"):
+        log.info("reliability diagram: %s", report["reliability_png"])
     for prompt_format, scores in report["test_ensemble_by_format"].items():
         log.info(
             "held-out ensemble, %s prompts: accuracy %.3f; mean P(desired) %.2f on desired, %.2f on undesired",

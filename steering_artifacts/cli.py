@@ -60,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-formats", type=_formats, default=(), help="also report held-out accuracy in these formats, e.g. qa,chat"
     )
+    p.add_argument(
+        "--answer-positions", type=int, default=defaults.answer_positions,
+        help="read up to N answer-prefix positions per answer (0: the answer's last token only)",
+    )
+    p.add_argument(
+        "--positions-from", type=int,
+        help="first answer token read, 1-based (default: --backtrack-tokens, where the monitor's checks start)",
+    )
+    p.add_argument(
+        "--false-alarm-set", default=defaults.false_alarm_set,
+        help="JSONL of correct {question, answer} pairs to report the monitor's firing rate on "
+        "('default': eval/data/everyday_correct.jsonl; 'none': skip); chat format only",
+    )
+    p.add_argument(
+        "--extra-train", help="JSONL of {question, answer, label} added to the training split only, e.g. "
+        "steering_artifacts/data/plain_facts.jsonl",
+    )
     p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="padded tokens per forward pass")
     p.add_argument("--max-pack-tokens", type=int, default=defaults.max_pack_tokens)
     p.add_argument("--cache-dir", help="activation cache (default steering_artifacts/.activations)")
@@ -67,13 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=defaults.dtype)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    from steering_artifacts.report import add_parser as add_report_parser
+
+    add_report_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = vars(build_parser().parse_args(argv))
+    parsed = build_parser().parse_args(argv)
+    if parsed.command == "report":
+        from steering_artifacts.report import run
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run(parsed)
+    args = vars(parsed)
     args.pop("command")
+    if args["false_alarm_set"] == "none":
+        args["false_alarm_set"] = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     build(BuildConfig(**args, command="python -m steering_artifacts " + shlex.join(argv)))
     return 0

@@ -1,4 +1,5 @@
-"""Batched collection of head activations: the `o_proj` input of every layer at each prompt's last token.
+"""Batched collection of head activations: the `o_proj` input of every layer at each prompt's last token
+(or at any chosen positions of each prompt, e.g. every answer-prefix position the monitor checks).
 
 Speed matters (6,204 TruthfulQA prompts on a 2-core CPU), so on top of batching we share work:
 prompts of one group (a question's answers) begin with the same tokens (the question, and in chat
@@ -43,6 +44,10 @@ class Pack:
     segments: list[int]  # _PREFIX for shared tokens, i for the i-th prompt's own tokens
     last_positions: list[int]  # index in the pack of each prompt's last token
     prompt_indices: list[int]  # which prompts (indices into the caller's list) the pack holds
+    read_positions: list[list[int]] | None = None  # per prompt: pack indices to read (None: its last token)
+
+    def reads(self) -> list[list[int]]:
+        return self.read_positions if self.read_positions is not None else [[p] for p in self.last_positions]
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:
@@ -53,21 +58,31 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
     return min(length, shortest - 1)  # every prompt keeps at least its last token as its own
 
 
-def _pack_group(token_ids: list[list[int]], indices: list[int], prefix_len: int) -> Pack:
+def _pack_group(token_ids: list[list[int]], indices: list[int], prefix_len: int,
+                reads: list[list[int]] | None = None) -> Pack:
     first = token_ids[indices[0]]
     input_ids, positions = list(first[:prefix_len]), list(range(prefix_len))
-    segments, last_positions = [_PREFIX] * prefix_len, []
+    segments, last_positions, read_positions = [_PREFIX] * prefix_len, [], []
     for segment, index in enumerate(indices):
         suffix = token_ids[index][prefix_len:]
+        start = len(input_ids)
         input_ids += suffix
         positions += range(prefix_len, prefix_len + len(suffix))
         segments += [segment] * len(suffix)
         last_positions.append(len(input_ids) - 1)
-    return Pack(input_ids, positions, segments, last_positions, list(indices))
+        if reads is not None:
+            # a position inside the shared prefix has the same activation in every prompt of the group
+            read_positions.append([i if i < prefix_len else start + i - prefix_len for i in reads[index]])
+    return Pack(input_ids, positions, segments, last_positions, list(indices),
+                read_positions if reads is not None else None)
 
 
-def pack_prompts(token_ids: list[list[int]], groups: list[str], max_pack_tokens: int = 1024) -> list[Pack]:
-    """Pack each group's prompts around their common prefix, in chunks of about `max_pack_tokens` tokens."""
+def pack_prompts(token_ids: list[list[int]], groups: list[str], max_pack_tokens: int = 1024,
+                 reads: list[list[int]] | None = None) -> list[Pack]:
+    """Pack each group's prompts around their common prefix, in chunks of about `max_pack_tokens` tokens.
+
+    `reads[i]`: the indices into prompt i's tokens whose activations to read (default: its last).
+    """
     by_group: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
         by_group.setdefault(group, []).append(index)
@@ -79,11 +94,11 @@ def pack_prompts(token_ids: list[list[int]], groups: list[str], max_pack_tokens:
         for index in indices:
             suffix_len = len(token_ids[index]) - prefix_len
             if chunk and chunk_len + suffix_len > max_pack_tokens:
-                packs.append(_pack_group(token_ids, chunk, prefix_len))
+                packs.append(_pack_group(token_ids, chunk, prefix_len, reads))
                 chunk, chunk_len = [], prefix_len
             chunk.append(index)
             chunk_len += suffix_len
-        packs.append(_pack_group(token_ids, chunk, prefix_len))
+        packs.append(_pack_group(token_ids, chunk, prefix_len, reads))
     return packs
 
 
@@ -136,11 +151,12 @@ def _capture_hook(captured: list[torch.Tensor | None], layer: int, rows: torch.T
 
 
 def _run_batch(model: nn.Module, projections: list[nn.Module], batch: list[Pack], pad_id: int) -> torch.Tensor:
-    """Activations [n_prompts_in_batch, L, H*D] in the batch's prompt order."""
+    """Activations [n_reads_in_batch, L, H*D] in the batch's prompt order, each prompt's reads in order."""
     param = next(model.parameters())
     inputs = _batch_tensors(batch, pad_id, param.dtype, param.device)
-    rows = torch.tensor([b for b, pack in enumerate(batch) for _ in pack.last_positions], device=param.device)
-    cols = torch.tensor([c for pack in batch for c in pack.last_positions], device=param.device)
+    rows = torch.tensor([b for b, pack in enumerate(batch) for read in pack.reads() for _ in read],
+                        device=param.device)
+    cols = torch.tensor([c for pack in batch for read in pack.reads() for c in read], device=param.device)
     captured: list[torch.Tensor | None] = [None] * len(projections)
     handles = [
         proj.register_forward_pre_hook(_capture_hook(captured, layer, rows, cols))
@@ -164,11 +180,18 @@ def collect_activations(
     max_pack_tokens: int = 1024,
     dtype: np.dtype = np.float16,
     progress: bool = True,
+    reads: list[list[int]] | None = None,
 ) -> np.ndarray:
-    """Head activations [N, L, H*D] at the last token of each prompt, in the prompts' order."""
+    """Head activations [N, L, H*D] at the last token of each prompt, in the prompts' order.
+
+    With `reads` (per prompt, indices into its tokens): [sum of len(reads[i]), L, H*D], prompt 0's
+    reads first, each prompt's in the order given.
+    """
     projections = attention_output_projections(model)
-    packs = pack_prompts(token_ids, groups, max_pack_tokens)
+    packs = pack_prompts(token_ids, groups, max_pack_tokens, reads)
     batches = batch_packs(packs, batch_tokens)
+    counts = [len(r) for r in reads] if reads is not None else [1] * len(token_ids)
+    first_row = np.concatenate([[0], np.cumsum(counts)])
     out: np.ndarray | None = None  # allocated once the first batch shows the width of o_proj's input
     with (
         torch.inference_mode(),
@@ -177,9 +200,10 @@ def collect_activations(
         for batch in batches:
             acts = _run_batch(model, projections, batch, pad_id).numpy()
             if out is None:
-                out = np.empty((len(token_ids),) + acts.shape[1:], dtype)
-            out[[i for pack in batch for i in pack.prompt_indices]] = acts
-            bar.update(len(acts))
+                out = np.empty((int(first_row[-1]),) + acts.shape[1:], dtype)
+            targets = [int(first_row[i]) + k for pack in batch for i in pack.prompt_indices for k in range(counts[i])]
+            out[targets] = acts
+            bar.update(sum(len(pack.prompt_indices) for pack in batch))
     log.info(
         "collected %d prompts as %d packed sequences in %d batches (%d tokens instead of %d)",
         len(token_ids),
@@ -191,10 +215,13 @@ def collect_activations(
     return out
 
 
-def cache_key(model_hash: str, token_ids: list[list[int]]) -> str:
-    """Changes when the model weights, the tokens (data, format, template) or the collector change."""
+def cache_key(model_hash: str, token_ids: list[list[int]], reads: list[list[int]] | None = None) -> str:
+    """Changes when the model weights, the tokens (data, format, template), the positions read or the
+    collector change."""
     digest = hashlib.sha256(f"{COLLECTOR_VERSION}:{model_hash}:".encode())
     digest.update(json.dumps(token_ids).encode())
+    if reads is not None:
+        digest.update(b":reads:" + json.dumps(reads).encode())
     return digest.hexdigest()[:24]
 
 

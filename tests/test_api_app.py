@@ -216,6 +216,22 @@ async def test_api_key_is_required_on_v1_only():
         assert (await client.get("/metrics")).status_code == 200
 
 
+async def test_playground_page_and_its_files_load_without_the_key():
+    engine = FakeEngine()
+    async with serving(engine, api_key="sesame") as client:
+        for path in ("/", "/playground"):
+            page = await client.get(path)
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert '<script type="module" src="/playground/app.js">' in page.text
+        assert (await client.get("/playground/app.js")).headers["content-type"].startswith("text/javascript")
+        assert (await client.get("/playground/style.css")).headers["content-type"].startswith("text/css")
+        assert_error(await client.get("/playground/routes.py"), 401, "invalid_request_error")  # not an open path
+        right = {"Authorization": "Bearer sesame"}
+        missing = assert_error(await client.get("/playground/routes.py", headers=right), 404, "invalid_request_error")
+        assert missing["code"] == "not_found"
+        assert_error(await client.get("/v1/models"), 401, "invalid_request_error")  # the API still needs it
+
+
 async def test_api_key_is_checked_before_the_body_is_read_or_parsed():
     engine = FakeEngine()
     async with serving(engine, api_key="sesame", max_body_bytes=1024) as client:

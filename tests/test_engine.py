@@ -49,11 +49,24 @@ async def test_greedy_matches_hf_generate(engine):
         assert ours.text == tokenizer.decode(hf, skip_special_tokens=True)
 
 
-async def test_server_default_is_fasb_in_hold_mode(engine):
+async def test_server_default_is_monitor(engine):
     ids = chat(engine, "Hello")
     replay = await collect(engine, ids, None, max_tokens=24)
     report = replay.finished.steering
-    assert report.mode == "fasb" and report.behavior == "synthetic"
+    assert report.mode == "monitor" and report.behavior == "synthetic"
+    assert replay.retractions == [] and report.backtracks == [] and not report.intervened
+
+
+async def test_fasb_server_default_streams_in_hold_mode(tiny_model_dir, artifact_dir):
+    engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(artifact_dir)], steering_mode="fasb",
+                             threshold=1.0, backtrack_tokens=4))
+    await engine.start()
+    try:
+        replay = await collect(engine, chat(engine, "Hello"), None, max_tokens=24)
+    finally:
+        await engine.stop()
+    report = replay.finished.steering
+    assert report.mode == "fasb" and report.backtracks  # threshold 1.0: every check fails
     assert replay.retractions == []  # hold mode: nothing sent is ever taken back
 
 

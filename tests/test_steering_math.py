@@ -104,7 +104,9 @@ BEHAVIORS = {"truthfulness": BehaviorDefaults(alpha=5.0, threshold=0.5, backtrac
 
 def test_policy_layers_defaults_artifact_then_server_then_request():
     cfg = resolve_steering(None, SteeringParams(), BEHAVIORS)
-    assert (cfg.mode, cfg.alpha, cfg.threshold, cfg.stream_mode) == ("fasb", 5.0, 0.5, "hold")
+    assert (cfg.mode, cfg.alpha, cfg.threshold, cfg.stream_mode) == ("monitor", 5.0, 0.5, "hold")
+    cfg = resolve_steering(None, SteeringParams(mode="fasb"), BEHAVIORS)  # --steering-mode fasb
+    assert (cfg.mode, cfg.stream_mode) == ("fasb", "hold")
     server = SteeringParams(alpha=7.0)
     cfg = resolve_steering(SteeringParams(threshold=0.4), server, BEHAVIORS)
     assert (cfg.alpha, cfg.threshold, cfg.stream_mode, cfg.max_backtracks) == (7.0, 0.4, "retract", 1)

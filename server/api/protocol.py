@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
@@ -120,11 +121,27 @@ class TextContentPart(RequestModel):
     text: UnicodeText
 
 
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+    ],
+    "title": "Content",
+}
+
+
 class RequestMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     # A plain string arrives as one text part, so every error inside a part list has a clean
-    # path such as messages.0.content.1.type.
-    content: list[TextContentPart]
+    # path such as messages.0.content.1.type. The schema says what clients may send: either form.
+    content: Annotated[list[TextContentPart], WithJsonSchema(_CONTENT_SCHEMA)]
     name: str | None = None
 
     @field_validator("content", mode="before")

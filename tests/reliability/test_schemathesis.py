@@ -7,14 +7,17 @@ mode), generated deterministically (Hypothesis `derandomize`, no example databas
 is sent, `_shorten` keeps it cheap: a valid `max_tokens` / `max_completion_tokens` becomes at most
 8 and a valid `n` at most 3 (invalid values are left alone, so the 4xx paths are fuzzed too), the
 server's `--default-max-tokens` is 8 for requests that give none, and `model` / `steering.behavior`
-name what is served most of the time (a random name is a 404 or 400 before any generation).
+name what is served most of the time (a random name is a 404 or 400 before any generation). A
+quarter of the positive cases then get one hostile value (2**63, Infinity, NaN, a lone surrogate,
+a NUL, CR/LF...) in one field: schemathesis itself only sends finite numbers and valid UTF-8.
 
 Every case, whatever it sent: no 5xx and no hang; a 4xx body is OpenAI's error envelope; a 200 is
 JSON that conforms to the documented response (schemathesis' own checks) with `n` choices, or, for
 `stream: true`, server-sent events whose chunks conform to the documented chunk schema, carry no
 error, and end with `data: [DONE]`. The server answers /health with 200 afterwards.
 
-All cases run even when some fail; the failures are reported together, each with a reproducer.
+All cases run even when some fail; the failures are reported together, and each failing body is
+saved in the test's tmp_path (`failure-N.json`) to replay with curl.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,7 +55,7 @@ OPERATIONS = {  # path -> the schema of one streamed chunk, as the OpenAPI docum
 EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 50}
 MAX_TOKENS = 8  # the most any valid request may generate per choice (before backtracks)
 MAX_N = 3
-REQUEST_TIMEOUT_S = 60.0  # a request that takes longer than this is reported as a hang
+REQUEST_TIMEOUT_S = 120.0  # a request still unanswered after this is reported as a hang
 BEHAVIOR = "synthetic"
 # Positive cases get one of these merged into `steering` often, so every mode (and a backtrack, which
 # the synthetic probes' P(desired) < 1 forces at threshold 1) is exercised, streamed and not.
@@ -60,6 +64,17 @@ STEERING = [
     {"mode": "fasb", "threshold": 1.0, "backtrack_tokens": 2, "max_backtracks": 1, "stream_mode": "retract"},
     {"mode": "fasb", "threshold": 1.0, "backtrack_tokens": 3, "max_backtracks": 2, "stream_mode": "hold"},
 ]
+# Schemathesis sends finite numbers and valid UTF-8 only; a quarter of the positive cases get one of
+# these instead, in one field (the values hostile clients sent in issue 10), sent as Python's
+# json.dumps writes it (`Infinity`, `NaN`, `"\\ud800"`), which the server's JSON parser accepts.
+HOSTILE_NUMBERS = (2**63, -(2**63) - 1, 2**64, 10**30, float("inf"), float("-inf"), float("nan"), 1e308, -1, 0)
+HOSTILE_TEXT = ("\ud800", "\udfff\ud800x", "\x00", "a\r\nforged line\r\n", "\u202e" * 64)
+NUMBER_FIELDS = (
+    ("temperature",), ("top_p",), ("top_k",), ("n",), ("max_tokens",), ("seed",), ("top_logprobs",),
+    ("logprobs",), ("steering", "alpha"), ("steering", "threshold"), ("steering", "backtrack_tokens"),
+    ("steering", "max_backtracks"), ("steering", "num_heads"),
+)
+TEXT_FIELDS = (("model",), ("user",), ("steering", "behavior"), ("stop",), ("messages",), ("prompt",))
 UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "best_of", "echo", "suffix", "tools")
 MAX_INT = 2**31 - 1
 
@@ -79,7 +94,11 @@ def fuzz_server(long_model_dir, artifact_dir, tmp_path_factory) -> Iterator[Serv
 @pytest.fixture(scope="module")
 def api_schema(fuzz_server):
     # Schemathesis stops reading a stream after 20 events by default: read them all (n=3 x 8 tokens).
-    config = schemathesis.Config.from_dict({"max-stream-events": 10_000, "request-timeout": REQUEST_TIMEOUT_S})
+    # Its reproducers hide fields named like secrets (`max_tokens`!): show them as sent.
+    config = schemathesis.Config.from_dict({
+        "max-stream-events": 10_000, "request-timeout": REQUEST_TIMEOUT_S,
+        "output": {"sanitization": {"enabled": False}},
+    })
     return schemathesis.openapi.from_url(f"{fuzz_server.base_url}/openapi.json", config=config)
 
 
@@ -107,6 +126,7 @@ def _knobs(body: Any) -> dict[str, int]:
         "prompt": rng.randrange(100),
         "stream": rng.randrange(100), "steering": rng.randrange(2 * len(STEERING)),
         "max_tokens": rng.randint(1, MAX_TOKENS),
+        "hostile": rng.randrange(100), "hostile_field": rng.randrange(1000), "hostile_value": rng.randrange(1000),
     }
 
 
@@ -143,6 +163,28 @@ def _shorten(body: Any, knobs: dict[str, int], model: str, mode: GenerationMode)
             body["prompt"] = "Hello"  # an empty prompt is a 400
         elif isinstance(prompt, list) and all(_valid_int(token, -(2**63), 2**63) for token in prompt):
             body["prompt"] = [abs(token) % 256 for token in prompt]  # ids the tiny vocabulary has
+    return body
+
+
+def _make_hostile(body: dict, knobs: dict[str, int], chat: bool) -> dict:
+    """`body` with one field set to a hostile value (see HOSTILE_NUMBERS)."""
+    fields = NUMBER_FIELDS + TEXT_FIELDS
+    path = fields[knobs["hostile_field"] % len(fields)]
+    values = HOSTILE_NUMBERS if path in NUMBER_FIELDS else HOSTILE_TEXT
+    value = values[knobs["hostile_value"] % len(values)]
+    body = dict(body)
+    if path[0] == "steering":
+        steering = body.get("steering") if isinstance(body.get("steering"), dict) else {"mode": "fasb"}
+        body["steering"] = {**steering, path[1]: value}
+    elif path == ("stop",):
+        body["stop"] = [value]
+    elif path in (("messages",), ("prompt",)):
+        if chat:
+            body["messages"] = [{"role": "user", "content": value}]
+        else:
+            body["prompt"] = value
+    else:
+        body[path[0]] = value
     return body
 
 
@@ -222,7 +264,8 @@ def _problems(case, response: schemathesis.Response, body: Any, stream_validator
     return problems
 
 
-def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, validator: Any) -> tuple[int, list[str]]:
+def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, validator: Any,
+         save_dir: Path) -> tuple[int, list[str]]:
     operation = api_schema[path]["POST"]
     failures: list[str] = []
     statuses: dict[int, int] = {}
@@ -236,25 +279,33 @@ def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, val
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case):
-        case.body = _shorten(case.body, _knobs(case.body), server.model, mode)
+        knobs = _knobs(case.body)
+        body = _shorten(case.body, knobs, server.model, mode)
+        if mode is GenerationMode.POSITIVE and knobs["hostile"] < 25 and isinstance(body, dict):
+            body = _make_hostile(body, knobs, chat=path == "/v1/chat/completions")
+            case.body = json.dumps(body).encode()  # bytes: sent as they are
+        else:
+            case.body = body
         started = time.monotonic()
         try:
             response = case.call(base_url=server.base_url, session=session, timeout=REQUEST_TIMEOUT_S)
         except requests.RequestException as exc:
-            failures.append(f"{type(exc).__name__} after {time.monotonic() - started:.0f}s: {exc}\n    "
-                            f"{case.as_curl_command(verify=False)}")
-            return
-        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-        if 400 <= response.status_code < 500:
-            with contextlib.suppress(Exception):
-                param = str(response.json()["error"]["param"])
-                refused[param] = refused.get(param, 0) + 1
-        if response.status_code == 200:
-            answered[_kind(case.body)] = answered.get(_kind(case.body), 0) + 1
-        problems = _problems(case, response, case.body, validator)
+            problems = [f"{type(exc).__name__} after {time.monotonic() - started:.0f}s: {exc}"]
+        else:
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if 400 <= response.status_code < 500:
+                with contextlib.suppress(Exception):
+                    param = str(response.json()["error"]["param"])
+                    refused[param] = refused.get(param, 0) + 1
+            if response.status_code == 200 and isinstance(body, dict):
+                answered[_kind(body)] = answered.get(_kind(body), 0) + 1
+            problems = _problems(case, response, body, validator)
         if problems:
-            body = case.body if case.body is not None else "<no body>"
-            failures.append(f"{'; '.join(problems)}\n    body: {json.dumps(body, default=repr)[:1500]}")
+            # The exact body, to replay: curl -d @FILE -H 'Content-Type: application/json' URL
+            saved = save_dir / f"failure-{len(failures)}.json"
+            saved.write_text(body.decode() if isinstance(body, bytes) else json.dumps(body))
+            shown = body if body is not None else "<no body>"
+            failures.append(f"{'; '.join(problems)}\n    body ({saved}): {json.dumps(shown, default=repr)[:1500]}")
 
     fuzz()
     print(f"\n{path} {mode.value}: statuses {dict(sorted(statuses.items()))}\n  200s {dict(sorted(answered.items()))}"
@@ -264,8 +315,8 @@ def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, val
 
 @pytest.mark.parametrize("mode", list(EXAMPLES), ids=lambda mode: mode.value)
 @pytest.mark.parametrize("path", list(OPERATIONS))
-def test_schemathesis(fuzz_server, api_schema, chunk_validators, path, mode):
-    sent, failures = _run(api_schema, fuzz_server, path, mode, chunk_validators[path])
+def test_schemathesis(fuzz_server, api_schema, chunk_validators, path, mode, tmp_path):
+    sent, failures = _run(api_schema, fuzz_server, path, mode, chunk_validators[path], tmp_path)
     assert not failures, f"{len(failures)} of {sent} cases failed:\n" + "\n".join(failures[:20])
     assert sent >= EXAMPLES[mode] // 2, f"only {sent} cases were sent"
     assert httpx.get(f"{fuzz_server.base_url}/health", timeout=10).status_code == 200
