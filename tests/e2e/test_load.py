@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.asyncio
 
 TEXTS = ["Hello", "What is the capital of France?", "Is the earth flat?", "café 日本語", "quick brown fox",
          "Numbers 0 1 2", "How are you today?", "The lazy dog"]
-LONG_CONTEXT = 4096  # positions of our copy of the tiny model, so abandoned requests could run long
+
 ABANDONED_MAX_TOKENS = 3000  # far more than the test waits for: only a cancel can end them in time
 QUEUE_DRAIN_S = 10.0  # abandoned requests must be gone this soon after the load ends
 # A load takes ~20 s on a busy 2-core machine. Abandoned requests that were not cancelled would hold
@@ -77,24 +76,13 @@ def backtracks_of(report: dict | None) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def long_context_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with 4096 positions (RoPE has no learned positions: only the limit changes)."""
-    folder = tmp_path_factory.mktemp("tiny-long") / "model"
-    shutil.copytree(tiny_model_dir, folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def load_server(long_context_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
+def load_server(long_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     """Batches of up to 16, room for all 64 clients in the queue, a synthetic `fasb` artifact."""
     artifact = tmp_path_factory.mktemp("artifact")
-    model = AutoModelForCausalLM.from_pretrained(long_context_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(long_model_dir)
     write_synthetic_artifact(model, artifact, behavior="synthetic", heads=4, seed=1)
     log_path = tmp_path_factory.mktemp("server-logs") / "load.log"
-    args = ["--model", str(long_context_model_dir), "--no-default-artifacts", "--artifact", str(artifact),
+    args = ["--model", str(long_model_dir), "--no-default-artifacts", "--artifact", str(artifact),
             "--max-batch-size", "16", "--max-queue", "128"]
     with running_server(args, log_path) as server:
         yield server

@@ -3,8 +3,6 @@ synthetic steering artifact so that every steering mode (and forced backtracks) 
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,19 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from tests.e2e.harness import ServerProcess, running_server
 from tests.synthetic_artifact import write_synthetic_artifact
-
-LONG_CONTEXT = 4096  # room for generations that only a deadline, a disconnect or SIGTERM can end
-
-
-@pytest.fixture(scope="session")
-def long_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with 4096 positions (RoPE has no learned positions: only the limit changes)."""
-    folder = tmp_path_factory.mktemp("tiny-long-reliability") / "model"
-    shutil.copytree(tiny_model_dir, folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "max_position_embeddings": LONG_CONTEXT}))
-    return folder
 
 
 @pytest.fixture(scope="session")
