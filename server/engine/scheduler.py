@@ -112,7 +112,7 @@ class Scheduler:
         self._on_step = on_step or (lambda: None)
         self._on_retired = on_retired or (lambda seq: None)  # each sequence that left the batch
         self.heartbeat = time.monotonic()  # when the worker last started or ended an iteration
-        self._abort: ServerError | None = None  # set from another thread: fail everything with it
+        self._aborts: deque[ServerError] = deque()  # from other threads (deque ops are atomic): fail all with it
 
     def run(self) -> None:
         with torch.inference_mode():
@@ -125,14 +125,13 @@ class Scheduler:
 
     def abort(self, error: ServerError) -> None:
         """Fail every running and waiting request with `error` (thread-safe; used at shutdown)."""
-        self._abort = error
+        self._aborts.append(error)
         self.queue.wake()
 
     def _iteration(self) -> None:
         self.heartbeat = time.monotonic()
-        if self._abort is not None:
-            self.fail_outstanding(self._abort)
-            self._abort = None
+        while self._aborts:
+            self.fail_outstanding(self._aborts.popleft())
         if self._group is None:
             idle = not self.batch.rows
             newcomers = self.queue.take(self.max_batch_size - len(self.batch), block=idle)
