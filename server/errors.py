@@ -54,39 +54,39 @@ class QueueFullError(ServerError):
         super().__init__(message, code="queue_full")
 
 
-class EngineNotReadyError(ServerError):
+class ServiceUnavailableError(ServerError):
+    """503: the server cannot take this request now; `message` and `code` say why. Subclasses only
+    set the default wording, the code and how long to wait."""
+
     status = 503
     type = "service_unavailable"
+    retry_after = 1
+    default_message = "The server cannot take requests right now."
+    default_code: str | None = None
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or self.default_message, code=self.default_code)
+
+
+class EngineNotReadyError(ServiceUnavailableError):
     retry_after = 5
+    default_message = "The model is still loading."
+    default_code = "model_loading"
 
-    def __init__(self, message: str = "The model is still loading."):
-        super().__init__(message, code="model_loading")
 
-
-class EngineUnavailableError(ServerError):
+class EngineUnavailableError(ServiceUnavailableError):
     """The decode worker died or stopped making progress: the process needs a restart."""
 
-    status = 503
-    type = "service_unavailable"
     retry_after = 5
-
-    def __init__(self, message: str = "The decode worker is not running; the server needs a restart."):
-        super().__init__(message, code="engine_unhealthy")
-
-
-class ShuttingDownError(ServerError):
-    status = 503
-    type = "service_unavailable"
-    retry_after = 1
-
-    def __init__(self, message: str = "The server is shutting down; retry on another replica."):
-        super().__init__(message, code="shutting_down")
+    default_message = "The decode worker is not running; the server needs a restart."
+    default_code = "engine_unhealthy"
 
 
-class QueueTimeoutError(ServerError):
-    status = 503
-    type = "service_unavailable"
-    retry_after = 1
+class ShuttingDownError(ServiceUnavailableError):
+    default_message = "The server is shutting down; retry on another replica."
+    default_code = "shutting_down"
 
-    def __init__(self) -> None:
-        super().__init__("The request waited longer than --request-timeout for a slot.", code="queue_timeout")
+
+class QueueTimeoutError(ServiceUnavailableError):
+    default_message = "The request waited longer than --request-timeout for a slot."
+    default_code = "queue_timeout"

@@ -7,6 +7,7 @@ engine (make one row's sampling raise, kill the worker thread) which no request 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -34,6 +35,16 @@ async def engine(request, long_model_dir, artifact_dir):
 
 def chat(engine: Engine, text: str) -> list[int]:
     return engine.encode_chat([{"role": "user", "content": text}])
+
+
+@contextlib.asynccontextmanager
+async def started_engine(model_dir, **settings):
+    engine = Engine(Settings(model=str(model_dir), **settings))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
 
 
 class ExplodingGenerator:
@@ -97,22 +108,16 @@ async def test_stalled_worker_is_reported(engine, monkeypatch):
 
 
 async def test_deadline_ends_a_request_with_finish_reason_length(long_model_dir):
-    engine = Engine(Settings(model=str(long_model_dir), request_timeout=0.5, max_batch_size=2))
-    await engine.start()
-    try:
+    async with started_engine(long_model_dir, request_timeout=0.5, max_batch_size=2) as engine:
         started = time.monotonic()
         replay = await collect(engine, chat(engine, "Hello"), max_tokens=3000, ignore_eos=True)
         assert replay.finished.finish_reason == "length"
         assert replay.finished.completion_tokens < 3000
         assert time.monotonic() - started < 10
-    finally:
-        await engine.stop()
 
 
 async def test_cancelled_waiting_request_frees_its_place_at_once(long_model_dir):
-    engine = Engine(Settings(model=str(long_model_dir), max_batch_size=1, max_queue=2))
-    await engine.start()
-    try:
+    async with started_engine(long_model_dir, max_batch_size=1, max_queue=2) as engine:
         long = SamplingParams(max_tokens=3000, ignore_eos=True)
         running = engine.submit(GenerationRequest("a", chat(engine, "Hi"), long))
         waiting = engine.submit(GenerationRequest("b", chat(engine, "Hi"), long))
@@ -121,14 +126,10 @@ async def test_cancelled_waiting_request_frees_its_place_at_once(long_model_dir)
         running.cancel()
         async for _ in third:
             pass
-    finally:
-        await engine.stop()
 
 
 async def test_abort_all_ends_running_and_waiting_requests(long_model_dir):
-    engine = Engine(Settings(model=str(long_model_dir), max_batch_size=1, max_queue=4))
-    await engine.start()
-    try:
+    async with started_engine(long_model_dir, max_batch_size=1, max_queue=4) as engine:
         streams = [engine.submit(GenerationRequest(f"r{i}", chat(engine, "Hi"),
                                                    SamplingParams(max_tokens=3000, ignore_eos=True)))
                    for i in range(3)]
@@ -139,5 +140,3 @@ async def test_abort_all_ends_running_and_waiting_requests(long_model_dir):
                 async for _ in stream:
                     pass
         assert engine.idle()
-    finally:
-        await engine.stop()
