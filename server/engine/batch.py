@@ -15,6 +15,7 @@ import logging
 import torch
 
 from server.engine.detokenizer import token_bytes, token_text
+from server.engine.logits import LogitsProcessors
 from server.engine.prefill import PrefillGroup
 from server.engine.runner import Runner
 from server.engine.sampling import SamplingTensors, compute_logprobs, sample
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class Batch:
-    def __init__(self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank]):
+    def __init__(self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank], eos_ids: frozenset[int] = frozenset()):
         self.runner = runner
         self.model = runner.model  # the scheduler prefills with it
         self.taps = runner.taps
@@ -37,6 +38,8 @@ class Batch:
         self._dirty = True
         self._sampling: SamplingTensors | None = None
         self._probe_weights: dict[str, torch.Tensor] = {}
+        # penalties, logit_bias, min_tokens, grammar masks (server/engine/logits.py)
+        self._processors = LogitsProcessors(runner.model.config.vocab_size, eos_ids, self.model.device)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,15 +75,17 @@ class Batch:
         logits, captured = self.runner.decode([r.next_input for r in self.rows], positions)
         scores = self._probe_scores(captured)
         finite = torch.isfinite(logits).all(dim=-1)  # [B]: False where this row's numbers broke down
-        tokens, failed = self._sample(logits)
+        tokens, failed = self._sample(self._processors.apply(logits))
         logprobs = self._logprobs(logits, tokens)
         tokens_cpu, scores_cpu, finite_cpu = _to_host(tokens, scores, finite)
         backtracked = False
+        counted_rows, counted_tokens = [], []  # answer tokens accepted this step, for the penalty counts
         for b, row in enumerate(self.rows):
             if b in failed or not finite_cpu[b]:
                 _fail_row(row, "the model produced non-finite numbers" if b not in failed else failed[b])
                 continue
             strength = row.strength
+            answer_tokens = len(row.generated)
             try:
                 row.advance(columns[b], scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
             except Exception as exc:  # a bug in one row's bookkeeping: that row fails, not the batch
@@ -91,8 +96,14 @@ class Batch:
                 self.runner.truncate(b, row.dropped_cols, row.next_pos)
                 row.dropped_cols = []
                 backtracked = True
+                self._dirty = True  # the rolled-back penalty counts are rebuilt from the kept tokens
+            elif len(row.generated) == answer_tokens + 1:
+                counted_rows.append(b)
+                counted_tokens.append(row.generated[-1])
             if row.strength != strength:
                 self._dirty = True
+        if not self._dirty:
+            self._processors.accepted(counted_rows, counted_tokens)
         if backtracked:
             self.runner.tidy(self.rows)
 
@@ -115,6 +126,7 @@ class Batch:
 
     def _rebuild(self) -> None:
         self._sampling = SamplingTensors.from_params([r.request.sampling for r in self.rows], self.model.device)
+        self._processors.rebuild([r.decoding for r in self.rows], [r.prompt for r in self.rows])
         if self.taps is not None:
             self._probe_weights = self._monitor_weights()
             self.runner.set_rows(self._steering_vectors(), any(r.scoring for r in self.rows))

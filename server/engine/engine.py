@@ -19,8 +19,10 @@ import torch
 
 from server.config import Settings
 from server.engine.batch import Batch
+from server.engine.grammar import GrammarCompiler
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import TextOutput
+from server.engine.processors import DecodingState
 from server.engine.quantize import quantize_weights
 from server.engine.runner import make_runner
 from server.engine.scheduler import RequestQueue, Scheduler
@@ -94,6 +96,7 @@ class Engine:
         self._draining = False
         self._max_token_chars = 0  # the longest token's text: a prompt longer than this many chars per token can't fit
         self._eos_ids: frozenset[int] = frozenset()
+        self._grammars: GrammarCompiler | None = None  # None: this tokenizer cannot do structured output
         self._steering_defaults = SteeringParams(
             mode=settings.steering_mode,
             behavior=settings.default_behavior,
@@ -156,8 +159,9 @@ class Engine:
         self._eos_ids = _eos_token_ids(loaded)
         self._max_token_chars = _longest_token_chars(loaded.tokenizer)
         self._load_artifacts(loaded)
+        self._grammars = _grammar_compiler(loaded, self._eos_ids)
         runner = make_runner(s.runner, loaded.model, self._taps, s.max_batch_size, self.max_model_len, s.compile)
-        batch = Batch(runner, loaded.tokenizer, self._banks)
+        batch = Batch(runner, loaded.tokenizer, self._banks, self._eos_ids)
         pad_id = loaded.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else min(self._eos_ids, default=0)
         self.ready = True
@@ -286,6 +290,7 @@ class Engine:
         self._require_serving()
         max_tokens = self._max_tokens(request)
         steering = resolve_steering(request.steering, self._steering_defaults, self._behavior_defaults)
+        decoding = self._decoding_state(request, max_tokens, loaded.model.config.vocab_size)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         holder: dict = {}
@@ -299,6 +304,7 @@ class Engine:
             emit=emit,
             generator=self._generator(request.sampling.seed),
             deadline=self._deadline(),
+            decoding=decoding,
         )
         holder["seq"] = seq
         self._queue.put(seq)  # may raise QueueFullError
@@ -325,6 +331,28 @@ class Engine:
                 code="context_length_exceeded",
             )
         return asked if asked is not None else min(self.settings.default_max_tokens, room)
+
+    def _decoding_state(self, request: GenerationRequest, max_tokens: int, vocab_size: int) -> DecodingState:
+        """Check what needs the model (token ids, the context, the tokenizer) and compile the grammar."""
+        s = request.sampling
+        bad = sorted(t for t, _ in s.logit_bias if not 0 <= t < vocab_size)
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias names token ids outside this model's vocabulary [0, {vocab_size}): {bad[:5]}",
+                param="logit_bias",
+            )
+        if s.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({s.min_tokens}) is larger than max_tokens ({max_tokens})", param="min_tokens"
+            )
+        matcher = None
+        if s.response_format is not None:
+            if self._grammars is None:
+                raise InvalidRequestError(
+                    "structured output is not available for this model's tokenizer", param="response_format"
+                )
+            matcher = self._grammars.matcher(s.response_format)
+        return DecodingState(s, matcher)
 
     def _deadline(self) -> float | None:
         timeout = self.settings.request_timeout
@@ -385,6 +413,16 @@ def _longest_token_chars(tokenizer) -> int:
     except Exception:  # an exotic tokenizer: skip the character pre-check, the token count still applies
         log.warning("could not measure the vocabulary's longest token; prompts are only checked after tokenising")
         return 0
+
+
+def _grammar_compiler(loaded: LoadedModel, eos_ids: frozenset[int]) -> GrammarCompiler | None:
+    tokenizer = loaded.tokenizer
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_ids, default=0)
+    try:
+        return GrammarCompiler(tokenizer, loaded.model.config.vocab_size, eos)
+    except Exception:  # an exotic tokenizer: serve everything else, refuse response_format with a 400
+        log.warning("structured output is off: the grammar engine cannot use this tokenizer", exc_info=True)
+        return None
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

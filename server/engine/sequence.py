@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from server.engine.output import TextOutput
+from server.engine.processors import DecodingState
 from server.engine.types import (
     Backtrack,
     EngineEvent,
@@ -54,6 +55,7 @@ class Sequence:
     emit: Callable[[EngineEvent], None]
     generator: torch.Generator | None = None
     deadline: float | None = None  # time.monotonic() after which the sequence is cut short
+    decoding: DecodingState | None = None  # penalties, min_tokens, grammar: rolled back with the tokens
     phase: Phase = Phase.PREFILL
     generated: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
@@ -72,6 +74,8 @@ class Sequence:
 
     def __post_init__(self):
         self.next_input = self.prompt[-1]
+        if self.decoding is None:
+            self.decoding = DecodingState(self.request.sampling)
         if self.steering is not None and self.steering.mode == "always":
             self.strength = self.steering.alpha
         self._update_hold()
@@ -146,6 +150,8 @@ class Sequence:
             return
         stopped = self.output.append(token, logprob)
         self.generated.append(token)
+        self.decoding.accept(token)
+        stopped = stopped or self.decoding.grammar_complete  # a finished grammar ends the answer
         self.next_input = token
         self._update_hold()
         if stopped or len(self.generated) >= self.max_tokens:
@@ -177,6 +183,7 @@ class Sequence:
         self.output.rollback(drop, generated, score, self.strength, announce=cfg.stream_mode == "retract")
         kept = generated - drop
         del self.generated[kept:], self.scores[kept:]
+        self.decoding.rollback(drop)
         refeed_pos = len(self.prompt) + kept - 1
         self.next_input = (self.prompt + self.generated)[refeed_pos]
         self.dropped_cols = self.cols[refeed_pos:]  # the scheduler masks these out of the cache

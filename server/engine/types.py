@@ -9,6 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: a JSON object, or JSON that validates against `schema` (JSON text)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+
 SteeringMode = Literal["off", "monitor", "always", "fasb"]
 StreamMode = Literal["retract", "hold"]
 FinishReason = Literal["stop", "length"]
@@ -25,6 +33,14 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    # OpenAI's penalties, the common repetition_penalty extension, and logit_bias as (token id,
+    # bias) pairs; all applied by server/engine/logits.py (README "Structured output and sampling").
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # EOS is banned until this many tokens were generated
+    response_format: ResponseFormat | None = None  # None: free text
 
 
 @dataclass(frozen=True)
