@@ -7,6 +7,7 @@ pydantic rejects becomes a 400 whose `param` is the dotted path of the field (se
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -25,6 +26,7 @@ from pydantic import (
 from server.engine.types import (
     BehaviorInfo,
     FinishReason,
+    ResponseFormat,
     Retraction,
     SamplingParams,
     SteeringMode,
@@ -45,6 +47,9 @@ MAX_ALPHA = 1000.0  # the paper's largest alpha is 60; beyond this a model only 
 MAX_BACKTRACK_TOKENS = 256
 MAX_BACKTRACKS = 32
 MAX_NUM_HEADS = 4096
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+MAX_REPETITION_PENALTY = 10.0
+MAX_SCHEMA_CHARS = 100_000  # a response_format JSON schema, serialised
 NOT_SUPPORTED = "not supported by this server"
 
 
@@ -163,6 +168,37 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute: stored as json_schema, sent and read as "schema".
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced (README "Structured output")
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+
+class ResponseFormatRequest(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormatRequest:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' requires a `json_schema` object with a `schema`")
+        return self
+
+    def to_engine(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat("json_object")
+        schema = json.dumps(self.json_schema.json_schema)  # key order kept: it is the order of the output
+        if len(schema) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"the JSON schema is longer than {MAX_SCHEMA_CHARS} characters")
+        return ResponseFormat("json_schema", schema)
+
+
 StopSequence = Annotated[UnicodeText, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -180,7 +216,9 @@ class GenerationRequestFields(RequestModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    # token id (as a string, as OpenAI's) -> bias added to its logit; -100 bans, 100 forces
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    response_format: ResponseFormatRequest | None = None
     user: str | None = None
 
     # not in the OpenAI spec
@@ -188,6 +226,11 @@ class GenerationRequestFields(RequestModel):
         None, ge=0, le=MAX_TOP_K, description="(extension) sample from the k most likely tokens; 0: all"
     )
     ignore_eos: bool = Field(False, description="(extension) keep generating past end-of-sequence")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=MAX_REPETITION_PENALTY,
+        description="(extension) divide positive / multiply negative logits of tokens seen in prompt or answer; 1: off",
+    )
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="(extension) no end-of-sequence before this many tokens")
     steering: SteeringRequest | None = Field(None, description="(extension) FASB steering for this request")
 
     @field_validator("stream_options")
@@ -202,18 +245,19 @@ class GenerationRequestFields(RequestModel):
     def _one_stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty_unsupported(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError(f"{NOT_SUPPORTED}; use 0")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _unsupported_unless_empty(cls, value: Any) -> Any:
-        if value:
-            raise ValueError(NOT_SUPPORTED)
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids written as strings (e.g. \"1234\"), got {key[:20]!r}")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format_compiles(cls, value: ResponseFormatRequest | None) -> ResponseFormatRequest | None:
+        if value is not None:
+            value.to_engine()  # size check here, so that it is a 400 naming the field
         return value
 
     @property
@@ -231,6 +275,12 @@ class GenerationRequestFields(RequestModel):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items())),
+            min_tokens=self.min_tokens,
+            response_format=None if self.response_format is None else self.response_format.to_engine(),
         )
 
     def to_steering_params(self) -> SteeringParams | None:
@@ -247,7 +297,6 @@ class ChatCompletionRequest(GenerationRequestFields):
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None  # the legacy function-calling API
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -276,13 +325,6 @@ class ChatCompletionRequest(GenerationRequestFields):
     def _no_legacy_functions(cls, value: Any) -> Any:
         if value:
             raise ValueError(f"{NOT_SUPPORTED} (the legacy function-calling API)")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"{NOT_SUPPORTED}; only type 'text'")
         return value
 
     def engine_messages(self) -> list[dict[str, str]]:
