@@ -7,9 +7,9 @@ import torch
 from server.engine.loader import load_model
 from server.engine.types import SteeringParams
 from server.errors import InvalidRequestError
-from server.steering.bank import BehaviorBank, head_weights, probe_probabilities, steering_strength
+from server.steering.bank import BehaviorBank, head_weights, probe_probabilities
 from server.steering.layers import attention_output_projections
-from server.steering.policy import BehaviorDefaults, check_due, resolve_steering, tokens_to_drop
+from server.steering.policy import BehaviorDefaults, check_due, resolve_steering, steering_strength, tokens_to_drop
 from server.steering.taps import HeadTaps
 from tests.synthetic_artifact import synthetic_artifact
 

@@ -1,4 +1,8 @@
-"""One request's decoding state and its per-token FASB decisions.
+"""One request's decoding state, and the mechanics of its steering controller's decisions.
+
+What to steer, when to check and whether to backtrack are the controller's (server/steering/
+controller.py, one class per mode); this class applies them: it drops tokens, rolls back the text
+and every processor (server/engine/processors.py), and frees the cache columns.
 
 Position bookkeeping: `cols[i]` is the batch-cache column holding position i of prompt+generated,
 for every position already in the cache; `next_input` is the token the next forward pass feeds at
@@ -31,8 +35,8 @@ from server.engine.types import (
     TokenLogprob,
 )
 from server.errors import ServerError
-from server.steering.bank import steering_strength
-from server.steering.policy import SteeringConfig, check_due, tokens_to_drop
+from server.steering.controller import SteeringController, make_controller
+from server.steering.policy import SteeringConfig
 
 # Tokens decoded per choice, kept and discarded together, are at most this many times max_tokens.
 DECODE_BUDGET_FACTOR = 4
@@ -60,11 +64,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
     next_input: int = 0
-    strength: float = 0.0  # steering strength c applied to every position fed from now on
     scores: list[float] = field(default_factory=list)  # probe score after each generated token
-    backtracks: list[Backtrack] = field(default_factory=list)
-    discarded: int = 0
-    checks: int = 0
     eos_emitted: bool = False
     finish_reason: FinishReason | None = None
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
@@ -76,8 +76,7 @@ class Sequence:
         self.next_input = self.prompt[-1]
         if self.decoding is None:
             self.decoding = DecodingState(self.request.sampling)
-        if self.steering is not None and self.steering.mode == "always":
-            self.strength = self.steering.alpha
+        self.controller: SteeringController | None = make_controller(self.steering, self.discard_budget)
         self._update_hold()
 
     @property
@@ -89,8 +88,21 @@ class Sequence:
         return len(self.cols)
 
     @property
+    def strength(self) -> float:
+        """Steering strength c applied to every position fed from now on."""
+        return self.controller.strength if self.controller is not None else 0.0
+
+    @property
+    def backtracks(self) -> list[Backtrack]:
+        return self.controller.backtracks if self.controller is not None else []
+
+    @property
+    def discarded(self) -> int:
+        return self.controller.discarded if self.controller is not None else 0
+
+    @property
     def scoring(self) -> bool:
-        return self.steering is not None and self.steering.monitors
+        return self.controller is not None and self.controller.scores_every_step
 
     @property
     def discard_budget(self) -> int:
@@ -98,13 +110,7 @@ class Sequence:
 
     @property
     def can_backtrack(self) -> bool:
-        s = self.steering
-        return (
-            s is not None
-            and s.mode == "fasb"
-            and len(self.backtracks) < s.max_backtracks
-            and self.discarded + s.backtrack_tokens <= self.discard_budget
-        )
+        return self.controller is not None and self.controller.can_backtrack
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -129,18 +135,13 @@ class Sequence:
             self._final_check(score)
             return
         # A re-fed token is not checked again: checks follow newly generated tokens.
-        checked = not refed and self._check_due()
+        checked = not refed and self.controller is not None and self.controller.check_due(len(self.generated))
         if checked:
-            self.checks += 1
-            if score < self.steering.threshold:
-                self._backtrack(score)
+            drop = self.controller.check(score, len(self.generated))
+            if drop:
+                self._backtrack(drop)
                 return
         self._accept(token, logprob, score, checked)
-
-    def _check_due(self) -> bool:
-        return self.can_backtrack and bool(self.generated) and check_due(
-            len(self.generated), self.steering.backtrack_tokens, final=False
-        )
 
     def _accept(self, token: int, logprob: TokenLogprob | None, score: float | None, checked: bool) -> None:
         if token in self.eos_ids and not self.request.sampling.ignore_eos:
@@ -166,21 +167,19 @@ class Sequence:
     def _final_check(self, score: float | None, already_checked: bool = False) -> None:
         """The last step is always checked: backtrack if the finished answer scores too low."""
         if self.can_backtrack and not already_checked and score is not None:
-            self.checks += 1
-            if score < self.steering.threshold:
+            drop = self.controller.check(score, len(self.generated))
+            if drop:
                 self.eos_emitted = False
-                self._backtrack(score)
+                self._backtrack(drop)
                 return
         self._finish()
 
-    def _backtrack(self, score: float) -> None:
-        cfg = self.steering
+    def _backtrack(self, drop: int) -> None:
+        """Take back the newest `drop` tokens, as the controller just decided (its last Backtrack)."""
+        decided = self.controller.backtracks[-1]
         generated = len(self.generated)
-        drop = tokens_to_drop(generated, cfg.backtrack_tokens)
-        self.strength = steering_strength(score, cfg.alpha, cfg.adaptive)
-        self.backtracks.append(Backtrack(generated, drop, score, self.strength))
-        self.discarded += drop
-        self.output.rollback(drop, generated, score, self.strength, announce=cfg.stream_mode == "retract")
+        announce = self.steering.stream_mode == "retract"
+        self.output.rollback(drop, generated, decided.probe_score, decided.strength, announce=announce)
         kept = generated - drop
         del self.generated[kept:], self.scores[kept:]
         self.decoding.rollback(drop)
@@ -194,10 +193,7 @@ class Sequence:
         self._update_hold()
 
     def _update_hold(self) -> None:
-        if self.steering is not None and self.steering.stream_mode == "hold" and self.can_backtrack:
-            self.output.hold_tokens = min(len(self.generated), self.steering.backtrack_tokens)
-        else:
-            self.output.hold_tokens = 0
+        self.output.hold_tokens = self.controller.hold_tokens(len(self.generated)) if self.controller else 0
 
     def _finish(self) -> None:
         self.phase = Phase.DONE
@@ -223,14 +219,4 @@ class Sequence:
         self.emit(error or ServerError("generation failed inside the engine; see the server log"))
 
     def report(self) -> SteeringReport | None:
-        cfg = self.steering
-        if cfg is None:
-            return None
-        return SteeringReport(
-            mode=cfg.mode,
-            behavior=cfg.behavior,
-            intervened=bool(self.backtracks) or cfg.mode == "always",
-            backtracks=list(self.backtracks),
-            scores=list(self.scores) if cfg.return_scores else None,
-            checks=self.checks,
-        )
+        return self.controller.report(self.scores) if self.controller is not None else None

@@ -9,6 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+# Steering's types live with steering (server/steering/types.py); re-exported for the engine and API.
+from server.steering.types import Backtrack as Backtrack
+from server.steering.types import SteeringMode as SteeringMode
+from server.steering.types import SteeringParams as SteeringParams
+from server.steering.types import SteeringReport as SteeringReport
+from server.steering.types import StreamMode as StreamMode
+
 @dataclass(frozen=True)
 class ResponseFormat:
     """Structured output: a JSON object, or JSON that validates against `schema` (JSON text)."""
@@ -17,8 +24,6 @@ class ResponseFormat:
     schema: str | None = None
 
 
-SteeringMode = Literal["off", "monitor", "always", "fasb"]
-StreamMode = Literal["retract", "hold"]
 FinishReason = Literal["stop", "length"]
 
 
@@ -41,22 +46,6 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # EOS is banned until this many tokens were generated
     response_format: ResponseFormat | None = None  # None: free text
-
-
-@dataclass(frozen=True)
-class SteeringParams:
-    """What a request asked for; None fields fall back to server / artifact defaults."""
-
-    mode: SteeringMode | None = None
-    behavior: str | None = None
-    alpha: float | None = None
-    threshold: float | None = None
-    backtrack_tokens: int | None = None
-    num_heads: int | None = None
-    adaptive: bool | None = None
-    max_backtracks: int | None = None
-    stream_mode: StreamMode | None = None
-    return_scores: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,24 +84,6 @@ class Retraction:
     token_index: int  # tokens generated when the check fired
     probe_score: float
     strength: float
-
-
-@dataclass(frozen=True)
-class Backtrack:
-    token_index: int
-    tokens_retracted: int
-    probe_score: float
-    strength: float
-
-
-@dataclass(frozen=True)
-class SteeringReport:
-    mode: SteeringMode
-    behavior: str | None
-    intervened: bool
-    backtracks: list[Backtrack]
-    scores: list[float] | None = None  # per final token, with return_scores
-    checks: int = 0  # probe checks made (for metrics)
 
 
 @dataclass(frozen=True)

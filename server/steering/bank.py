@@ -23,11 +23,6 @@ def probe_probabilities(acts: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return torch.sigmoid(torch.einsum("kbd,kd->bk", acts.float(), weight) + bias)
 
 
-def steering_strength(p: float, alpha: float, adaptive: bool) -> float:
-    """The paper's strength: grows as the probes' confidence in the desired behaviour falls."""
-    return alpha * (1.0 - p) if adaptive else alpha
-
-
 def head_weights(num_heads: int, total: int, device: torch.device) -> torch.Tensor:
     """[total] weights averaging the first `num_heads` heads (heads are sorted best first)."""
     weights = torch.zeros(total, device=device)

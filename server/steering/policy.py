@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.types import SteeringMode, SteeringParams, StreamMode
+from server.steering.types import SteeringMode, SteeringParams, StreamMode
 from server.errors import InvalidRequestError
 
 
@@ -100,3 +100,8 @@ def check_due(generated: int, backtrack_tokens: int, final: bool) -> bool:
 
 def tokens_to_drop(generated: int, backtrack_tokens: int) -> int:
     return min(generated, backtrack_tokens)
+
+
+def steering_strength(p: float, alpha: float, adaptive: bool) -> float:
+    """The paper's strength: grows as the probes' confidence in the desired behaviour falls."""
+    return alpha * (1.0 - p) if adaptive else alpha

@@ -1,0 +1,69 @@
+"""Steering controllers: what one steering mode decides for one sequence (DESIGN.md §2).
+
+The engine's `Sequence` (server/engine/sequence.py) does the mechanics of a backtrack (drop
+tokens, roll back the text and the processors, free cache columns); the controller decides: the
+steering strength applied to every position fed from now on, whether the probes score each step,
+when a check is due, whether a check backtracks and by how many tokens, how many tokens the stream
+holds back, and what the response reports. One subclass per mode lives in server/steering/modes/,
+one file each; `make_controller` finds it by the mode's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import ClassVar
+
+from server.steering.policy import SteeringConfig
+from server.steering.types import Backtrack, SteeringReport
+
+
+class SteeringController:
+    """A mode that never intervenes and never scores; subclasses override what their mode does."""
+
+    mode: ClassVar[str]
+    scores_every_step: ClassVar[bool] = False  # the probes score each forward pass
+    intervenes_always: ClassVar[bool] = False  # reported as intervened even without a backtrack
+
+    def __init__(self, config: SteeringConfig, discard_budget: int) -> None:
+        self.config = config
+        self.discard_budget = discard_budget  # tokens backtracks may throw away in all
+        self.strength = 0.0
+        self.backtracks: list[Backtrack] = []
+        self.discarded = 0
+        self.checks = 0
+
+    @property
+    def can_backtrack(self) -> bool:
+        return False
+
+    def check_due(self, generated: int) -> bool:
+        """Whether the token just generated (the `generated`-th) is checked by the probes."""
+        return False
+
+    def check(self, score: float, generated: int) -> int:
+        """A due check with probe score `score`: how many tokens to drop (0: keep going)."""
+        self.checks += 1
+        return 0
+
+    def hold_tokens(self, generated: int) -> int:
+        """Newest tokens a `hold` stream must not send yet (they may still be taken back)."""
+        return 0
+
+    def report(self, scores: list[float]) -> SteeringReport:
+        cfg = self.config
+        return SteeringReport(
+            mode=cfg.mode,
+            behavior=cfg.behavior,
+            intervened=bool(self.backtracks) or self.intervenes_always,
+            backtracks=list(self.backtracks),
+            scores=list(scores) if cfg.return_scores else None,
+            checks=self.checks,
+        )
+
+
+def make_controller(config: SteeringConfig | None, discard_budget: int) -> SteeringController | None:
+    """The controller of `config.mode` (server/steering/modes/<mode>.py); None when not steered."""
+    if config is None or config.mode == "off":
+        return None
+    module = importlib.import_module(f"server.steering.modes.{config.mode}")
+    return module.Controller(config, discard_budget)
