@@ -168,7 +168,8 @@ def test_logit_bias_and_min_tokens():
 def test_grammar_bitmask_masks_only_grammar_rows(tokenizer, compiler):
     fmt, path = _schema_path(tokenizer, "enum")
     pipe = LogitsProcessors(len(tokenizer), frozenset({tokenizer.eos_token_id}), torch.device("cpu"))
-    states = [DecodingState(SamplingParams(response_format=fmt), compiler.matcher(fmt)), DecodingState(SamplingParams())]
+    constrained = DecodingState(SamplingParams(response_format=fmt), compiler.matcher(fmt))
+    states = [constrained, DecodingState(SamplingParams())]
     pipe.rebuild(states, [[1], [1]])
     out = pipe.apply(torch.zeros(2, len(tokenizer)))
     assert torch.equal(torch.isfinite(out[0]), _mask(states[0].grammar.matcher, len(tokenizer)))

@@ -230,7 +230,9 @@ class GenerationRequestFields(RequestModel):
         None, gt=0, le=MAX_REPETITION_PENALTY,
         description="(extension) divide positive / multiply negative logits of tokens seen in prompt or answer; 1: off",
     )
-    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="(extension) no end-of-sequence before this many tokens")
+    min_tokens: int = Field(
+        0, ge=0, le=MAX_TOKENS, description="(extension) no end-of-sequence before this many tokens"
+    )
     steering: SteeringRequest | None = Field(None, description="(extension) FASB steering for this request")
 
     @field_validator("stream_options")

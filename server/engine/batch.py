@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class Batch:
-    def __init__(self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank], eos_ids: frozenset[int] = frozenset()):
+    def __init__(
+        self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank], eos_ids: frozenset[int] = frozenset()
+    ):
         self.runner = runner
         self.model = runner.model  # the scheduler prefills with it
         self.taps = runner.taps

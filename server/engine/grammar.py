@@ -53,7 +53,8 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer, vocab_size: int, eos_id: int) -> None:
         self.vocab_size = vocab_size
-        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_VocabularyBytes(tokenizer, vocab_size, eos_id)))
+        vocabulary = _VocabularyBytes(tokenizer, vocab_size, eos_id)
+        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary))
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
 
     def matcher(self, fmt: ResponseFormat) -> GrammarMatcher:

@@ -62,7 +62,8 @@ class LogitsProcessors:
             if any(p.repetition_penalty != 1.0 for p in params):
                 self._repetition = _column([p.repetition_penalty for p in params], dev)
                 self._in_prompt = torch.zeros(B, V, dtype=torch.bool, device=dev)
-                rows, ids = _pairs([prompt if p.repetition_penalty != 1.0 else [] for prompt, p in zip(prompts, params)])
+                prompt_ids = [prompt if p.repetition_penalty != 1.0 else [] for prompt, p in zip(prompts, params)]
+                rows, ids = _pairs(prompt_ids)
                 self._in_prompt[rows.to(dev), ids.to(dev)] = True
         self._min_tokens = any(s.min_tokens is not None for s in states)
         self._bitmask = None

@@ -16,6 +16,7 @@ from server.steering.types import SteeringParams as SteeringParams
 from server.steering.types import SteeringReport as SteeringReport
 from server.steering.types import StreamMode as StreamMode
 
+
 @dataclass(frozen=True)
 class ResponseFormat:
     """Structured output: a JSON object, or JSON that validates against `schema` (JSON text)."""

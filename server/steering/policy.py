@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.steering.types import SteeringMode, SteeringParams, StreamMode
 from server.errors import InvalidRequestError
+from server.steering.types import SteeringMode, SteeringParams, StreamMode
 
 
 @dataclass(frozen=True)
