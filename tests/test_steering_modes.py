@@ -54,15 +54,22 @@ def test_fasb_schedule_strength_and_budget():
     c = make_controller(config("fasb"), discard_budget=6)
     assert not c.check_due(3) and c.check_due(4)  # checks start at backtrack_tokens
     assert c.hold_tokens(3) == 3 and c.hold_tokens(9) == 4
-    assert c.check(0.9, 5) == 0 and c.backtracks == []  # above the threshold: keep going
-    assert c.check(0.25, 5) == 4 and c.strength == pytest.approx(6.0)  # alpha * (1 - p)
+    assert c.check(0.9, 5) is None and c.backtracks == []  # above the threshold: keep going
+    assert c.check(0.25, 5).tokens_retracted == 4 and c.strength == pytest.approx(6.0)  # alpha * (1 - p)
     assert c.discarded == 4 and not c.can_backtrack  # 4 + 4 > the budget of 6
     assert c.hold_tokens(9) == 0 and c.checks == 2
     report = c.report([0.1, 0.2])
     assert report.intervened and report.scores == [0.1, 0.2] and report.backtracks[0].tokens_retracted == 4
 
 
+def test_fasb_backtracks_even_with_nothing_to_drop():
+    """EOS as the first token, scored too low: nothing to drop, but regenerate with steering on."""
+    c = make_controller(config("fasb"), discard_budget=100)
+    decided = c.check(0.1, 0)
+    assert decided is not None and decided.tokens_retracted == 0 and c.strength > 0
+
+
 def test_fasb_respects_max_backtracks():
     c = make_controller(config("fasb", max_backtracks=1, adaptive=False), discard_budget=100)
-    assert c.check(0.1, 2) == 2 and c.strength == 8.0  # drops all of a short answer
+    assert c.check(0.1, 2).tokens_retracted == 2 and c.strength == 8.0  # drops all of a short answer
     assert not c.can_backtrack and not c.check_due(10)

@@ -137,9 +137,9 @@ class Sequence:
         # A re-fed token is not checked again: checks follow newly generated tokens.
         checked = not refed and self.controller is not None and self.controller.check_due(len(self.generated))
         if checked:
-            drop = self.controller.check(score, len(self.generated))
-            if drop:
-                self._backtrack(drop)
+            decided = self.controller.check(score, len(self.generated))
+            if decided is not None:
+                self._backtrack(decided)
                 return
         self._accept(token, logprob, score, checked)
 
@@ -167,17 +167,17 @@ class Sequence:
     def _final_check(self, score: float | None, already_checked: bool = False) -> None:
         """The last step is always checked: backtrack if the finished answer scores too low."""
         if self.can_backtrack and not already_checked and score is not None:
-            drop = self.controller.check(score, len(self.generated))
-            if drop:
+            decided = self.controller.check(score, len(self.generated))
+            if decided is not None:
                 self.eos_emitted = False
-                self._backtrack(drop)
+                self._backtrack(decided)
                 return
         self._finish()
 
-    def _backtrack(self, drop: int) -> None:
-        """Take back the newest `drop` tokens, as the controller just decided (its last Backtrack)."""
-        decided = self.controller.backtracks[-1]
-        generated = len(self.generated)
+    def _backtrack(self, decided: Backtrack) -> None:
+        """Take back the newest tokens, as the controller just decided (possibly none of them: the
+        last prompt token is then re-fed with steering on)."""
+        drop, generated = decided.tokens_retracted, len(self.generated)
         announce = self.steering.stream_mode == "retract"
         self.output.rollback(drop, generated, decided.probe_score, decided.strength, announce=announce)
         kept = generated - drop

@@ -40,10 +40,10 @@ class SteeringController:
         """Whether the token just generated (the `generated`-th) is checked by the probes."""
         return False
 
-    def check(self, score: float, generated: int) -> int:
-        """A due check with probe score `score`: how many tokens to drop (0: keep going)."""
+    def check(self, score: float, generated: int) -> Backtrack | None:
+        """A due check with probe score `score`: the backtrack to make, or None to keep going."""
         self.checks += 1
-        return 0
+        return None
 
     def hold_tokens(self, generated: int) -> int:
         """Newest tokens a `hold` stream must not send yet (they may still be taken back)."""

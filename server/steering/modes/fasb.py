@@ -23,16 +23,16 @@ class Controller(SteeringController):
     def check_due(self, generated: int) -> bool:
         return self.can_backtrack and generated > 0 and check_due(generated, self.config.backtrack_tokens, final=False)
 
-    def check(self, score: float, generated: int) -> int:
+    def check(self, score: float, generated: int) -> Backtrack | None:
         self.checks += 1
         cfg = self.config
         if score >= cfg.threshold:
-            return 0
+            return None
         drop = tokens_to_drop(generated, cfg.backtrack_tokens)
         self.strength = steering_strength(score, cfg.alpha, cfg.adaptive)
         self.backtracks.append(Backtrack(generated, drop, score, self.strength))
         self.discarded += drop
-        return drop
+        return self.backtracks[-1]
 
     def hold_tokens(self, generated: int) -> int:
         if self.config.stream_mode == "hold" and self.can_backtrack:
