@@ -20,7 +20,8 @@ MC_COLUMNS = ["row", "alpha", "threshold", "mc1", "mc2", "mc3", "steered_answers
 
 
 def _evaluation(args) -> tuple[MCEvaluation, dict]:
-    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads)
+    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads,
+                                               args.quantization)
     if artifact.prompt_format != "qa":
         log.warning("artifact %s is %s-format; the MC prompts are qa text", args.artifact, artifact.prompt_format)
     data_dir = Path(args.data_dir)
@@ -32,6 +33,7 @@ def _evaluation(args) -> tuple[MCEvaluation, dict]:
              len(questions), args.split, len(items), len(prefix))
     scorer = MCScorer(loaded.model, artifact, prefix, batch_rows=args.batch_rows)
     info = {"artifact": str(args.artifact), "prompt_format": artifact.prompt_format, "split": args.split,
+            "quantization": args.quantization,
             "questions": len(questions), "answers": len(items), "num_heads": artifact.num_heads,
             "command": "python -m eval " + shlex.join(sys.argv[1:])}
     return MCEvaluation(scorer, items, questions), info
