@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(mc)
     _steering(mc)
     mc.add_argument("--batch-rows", type=int, default=16, help="answers per forward pass")
+    mc.add_argument("--rows", type=lambda t: tuple(x for x in t.split(",") if x), default=("baseline", "iti", "fasb"),
+                    help="comma-separated subset of baseline,iti,fasb (e.g. baseline,fasb for a quantization check)")
     gen = tqa.add_parser("gen", help="greedy generation through the Engine, judged by embedding similarity")
     _common(gen)
     _steering(gen)

@@ -42,8 +42,12 @@ def _evaluation(args) -> tuple[MCEvaluation, dict]:
 def run_mc(args) -> dict:
     evaluation, info = _evaluation(args)
     values = row_values(args, evaluation.scorer.bank.artifact.manifest)
-    rows = [evaluation.baseline(), evaluation.iti(values.iti_alpha),
-            evaluation.fasb(values.alpha, values.threshold, values.backtrack_tokens)]
+    unknown = set(args.rows) - {"baseline", "iti", "fasb"}
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)} (baseline, iti, fasb)")
+    make = {"baseline": evaluation.baseline, "iti": lambda: evaluation.iti(values.iti_alpha),
+            "fasb": lambda: evaluation.fasb(values.alpha, values.threshold, values.backtrack_tokens)}
+    rows = [make[name]() for name in ("baseline", "iti", "fasb") if name in args.rows]
     print_table(f"TruthfulQA MC, {info['questions']} {args.split} questions ({args.artifact})", rows, MC_COLUMNS)
     payload = {**info, "rows": rows, "monitor": evaluation.monitor_summary()}
     write_json(payload, args.out, f"truthfulqa_mc_{args.split}")
