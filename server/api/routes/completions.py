@@ -11,6 +11,7 @@ from server.api.protocol import CompletionChoice, CompletionLogprobs, Completion
 from server.api.routes.generate import generate
 from server.api.serving import ChoiceResult, EngineClient, usage_of
 from server.api.sse import CompletionChunks, steering_summary
+from server.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 
@@ -36,10 +37,22 @@ async def create_completion(
 def _encode_prompts(engine: EngineClient, body: CompletionRequest) -> tuple[list[list[int]], tuple[str, ...]]:
     """Each prompt's token ids and, with `echo`, its text (token-id prompts are decoded)."""
     prompts = [engine.encode_prompt(prompt) for prompt in body.prompt]
+    for ids in prompts:
+        _check_room(engine, ids)
     if not body.echo:
         return prompts, ()
     texts = (p if isinstance(p, str) else engine.decode_tokens(ids) for p, ids in zip(body.prompt, prompts))
     return prompts, tuple(texts)
+
+
+def _check_room(engine: EngineClient, ids: list[int]) -> None:
+    # The engine checks this too when the choice is submitted, but names `messages` (chat's field).
+    if len(ids) >= engine.max_model_len:
+        raise InvalidRequestError(
+            f"a prompt has {len(ids)} tokens; this model's context is {engine.max_model_len} tokens",
+            param="prompt",
+            code="context_length_exceeded",
+        )
 
 
 def text_completion(chunks: CompletionChunks, results: list[ChoiceResult]) -> CompletionResponse:
