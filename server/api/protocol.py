@@ -40,9 +40,9 @@ from server.engine.types import (
 # limit on n x prompts (server/api/deps.py check_choices); these caps only bound the request itself.
 MAX_CHOICES = 128  # OpenAI's own cap on n
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
-# Stop strings are matched on every new token of every running sequence (server/engine/stops.py):
-# the cost per token grows with the total length of the strings. 16 strings of 1024 characters
-# cost at most ~0.1 ms per token in the worst case (README "Limits", bench in tests/test_stops.py).
+# Stop strings are matched on every new token of every running sequence (server/engine/stops.py),
+# at a cost that grows with their total length: 16 strings of 1024 characters cost at most ~0.2 ms
+# per token on a 2-core CPU, worst inputs included (bench/bench_stops.py; README "Limits").
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 1024
 MAX_TOKENS = 2**31 - 1

@@ -12,6 +12,13 @@ class StopMatcher:
         # Empty strings would match everywhere; duplicates only cost time.
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
         self.max_len = max((len(s) for s in self.stops), default=0)
+        # holdback's candidates: every proper prefix of every stop, filed under its last character
+        # and longest first, so a call only tries the prefixes that end like the text does.
+        by_last: dict[str, list[str]] = {}
+        for stop in self.stops:
+            for n in range(1, len(stop)):
+                by_last.setdefault(stop[n - 1], []).append(stop[:n])
+        self._prefixes = {c: sorted(set(p), key=len, reverse=True) for c, p in by_last.items()}
 
     def __bool__(self) -> bool:
         return bool(self.stops)
@@ -31,10 +38,9 @@ class StopMatcher:
         Those characters must not be sent yet: the next token may complete the stop, and text
         from the stop on is never shown.
         """
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        if not text:
+            return 0
+        for prefix in self._prefixes.get(text[-1], ()):
+            if text.endswith(prefix):
+                return len(prefix)
+        return 0
