@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+import pytest_asyncio
 
 from server.engine.types import Finished, GenerationRequest, TextDelta
 from tests.fake_engine import BOS, FakeEngine
-from tests.test_api_app import MODEL, assert_error, client, engine, serving, sse_payloads, until_ready  # noqa: F401
+from tests.test_api_app import MODEL, assert_error, serving, sse_payloads, until_ready
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest_asyncio.fixture
+async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(engine) as client:
+        await until_ready(engine)
+        yield client
 
 
 def prompt_script(request: GenerationRequest) -> list:

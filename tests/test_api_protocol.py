@@ -44,7 +44,7 @@ def rejected_param(model: type, body: dict) -> str | None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -5}, "max_completion_tokens"),
         ({"stop": [str(i) for i in range(17)]}, "stop"),
-        ({"stop": ["x" * 1025]}, "stop.0"),
+        ({"stop": ["x" * 257]}, "stop.0"),
         ({"stop": [""]}, "stop.0"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs
@@ -324,8 +324,8 @@ def test_usage_counts_each_prompt_once():
     # two prompts (5 and 9 tokens) x n=2, in choice order
     finished = [Finished("stop", 5, 1, 0, None), Finished("stop", 5, 2, 0, None),
                 Finished("stop", 9, 3, 1, None), Finished("stop", 9, 4, 0, None)]
-    usage = usage_of(finished, prompts=2)
-    assert usage.model_dump() == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24, "discarded_tokens": 1}
+    usage = usage_of(finished, prompts=2).model_dump()
+    assert usage == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24, "discarded_tokens": 1}
 
 
 # --------------------------------------------------------------------------- submitting choices

@@ -40,11 +40,13 @@ from server.engine.types import (
 # limit on n x prompts (server/api/deps.py check_choices); these caps only bound the request itself.
 MAX_CHOICES = 128  # OpenAI's own cap on n
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
-# Stop strings are matched on every new token of every running sequence (server/engine/stops.py),
-# at a cost that grows with their total length: 16 strings of 1024 characters cost at most ~0.2 ms
-# per token on a 2-core CPU, worst inputs included (bench/bench_stops.py; README "Limits").
+# Stop strings are matched on every new token of every running sequence (server/engine/stops.py):
+# per token, one automaton step per character of the longest string plus one substring search per
+# string; the automaton takes memory and build time in proportion to the total characters. 16
+# strings of 256 characters: ~0.1 ms per token, worst inputs included, ~1 MB and ~10 ms once per
+# request (bench/bench_stops.py; README "Limits").
 MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 1024
+MAX_STOP_CHARS = 256
 MAX_TOKENS = 2**31 - 1
 MAX_TOP_K = 2**20  # above any vocabulary; the engine clamps it to the model's vocabulary size
 MAX_ALPHA = 1000.0  # the paper's largest alpha is 60; beyond this a model only emits noise

@@ -145,7 +145,8 @@ async def test_token_strs_and_detokenize(http, tiny_server, tokenizer):
     result = (await http.post("/tokenize", json={"prompt": prompt, "return_token_strs": True})).json()
     assert result["token_strs"] == tokenizer.convert_ids_to_tokens(result["tokens"])
     ids = tokenizer.encode(prompt, add_special_tokens=False)
-    assert (await http.post("/detokenize", json={"model": tiny_server.model, "tokens": ids})).json() == {"prompt": prompt}
+    response = await http.post("/detokenize", json={"model": tiny_server.model, "tokens": ids})
+    assert response.json() == {"prompt": prompt}
 
 
 BAD = [

@@ -50,7 +50,7 @@ BAD_VALUES = [
     ({"max_completion_tokens": 10**30}, "max_completion_tokens"),
     ({"n": 129}, "n"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
-    ({"stop": ["x" * 1025]}, "stop.0"),
+    ({"stop": ["x" * 257]}, "stop.0"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"seed": 2**70}, "seed"),
     ({"steering": {"mode": "fasb", "alpha": 1e30}}, "steering.alpha"),
