@@ -172,8 +172,11 @@ def _shorten(body: Any, knobs: dict[str, int], model: str, mode: GenerationMode,
             body["prompt"] = _known_ids(prompt)
     if mode is GenerationMode.POSITIVE and knobs["prompt"] < 75 and isinstance(body.get("tokens"), list):
         body["tokens"] = _known_ids(body["tokens"])  # /detokenize
-    if path == "/tokenize" and mode is GenerationMode.POSITIVE and "prompt" in body and "messages" in body:
-        del body["prompt" if knobs["prompt"] % 2 else "messages"]  # exactly one of them is valid
+    if path == "/tokenize" and mode is GenerationMode.POSITIVE:  # exactly one of prompt, messages is valid
+        if "prompt" in body and "messages" in body:
+            del body["prompt" if knobs["prompt"] % 2 else "messages"]
+        elif "prompt" not in body and "messages" not in body and knobs["prompt"] < 75:
+            body["prompt"] = "Hello"
     return body
 
 
