@@ -20,9 +20,19 @@ from pathlib import Path
 
 from common import ROOT, host_info, markdown_table, write_json
 
-# (runner, compile, quantization)
-CONFIGS = [("generate", False, "none"), ("hf", False, "none"), ("static", False, "none"), ("static", True, "none"),
-           ("static", True, "int8")]
+# name -> (runner, compile, quantization)
+CONFIGS = {"generate": ("generate", False, "none"), "hf": ("hf", False, "none"), "static": ("static", False, "none"),
+           "static+compile": ("static", True, "none"), "static+compile+int8": ("static", True, "int8")}
+CUDA_CONFIGS = ["generate", "hf", "static+compile"]  # int8 is CPU-only (server/engine/quantize.py)
+
+
+def chosen_configs(args) -> list[tuple[str, bool, str]]:
+    """--matrix-configs, else every configuration the device supports; generate always (the baseline)."""
+    names = args.matrix_configs or (CUDA_CONFIGS if args.device == "cuda" else list(CONFIGS))
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"--matrix-configs: unknown {sorted(unknown)}; known: {list(CONFIGS)}")
+    return [CONFIGS[n] for n in dict.fromkeys(["generate", "hf", *names])]
 
 
 class Worker:
@@ -33,7 +43,7 @@ class Worker:
                    PYTHONPATH=str(ROOT))
         cmd = [sys.executable, str(Path(__file__).with_name("matrix_worker.py")), "--runner", runner,
                "--compile", str(int(compile)), "--quantization", quantization, "--model", args.model,
-               "--tokens", str(args.tokens),
+               "--tokens", str(args.tokens), "--device", args.device, "--dtype", args.dtype,
                "--max-model-len", str(args.max_model_len or 2048), "--max-batch-size", str(max(args.matrix_batches))]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
@@ -62,7 +72,7 @@ class Worker:
 def measure_threads(threads: int, args) -> list[dict]:
     workers = []
     try:
-        for runner, compile, quantization in CONFIGS:
+        for runner, compile, quantization in chosen_configs(args):
             start = time.perf_counter()
             workers.append(Worker(runner, compile, quantization, threads, args))
             print(f"[{threads} threads] {workers[-1].name} ready in {time.perf_counter() - start:.0f}s",
@@ -130,7 +140,7 @@ def print_matrix(rows: list[dict], args) -> None:
                       f"{r['tps']:.1f}", f"{r['tps'] / gen['tps']:.2f}", f"{r['tps'] / hf['tps']:.2f}" if hf else "-",
                       f"{r['ttft_ms']:.0f}", f"{r['rss_mb']:.0f}", f"{r['startup_s']:.0f}", same])
     print()
-    print(f"{host_info()} | model {args.model} fp32 | {args.tokens} new tokens, greedy, ignore_eos | median of "
+    print(f"{host_info()} | model {args.model} on {args.device}, {args.dtype} | {args.tokens} new tokens, greedy, ignore_eos | median of "
           f"{args.runs} rounds (+{args.warmup} warm-up), configurations interleaved | in process, no HTTP")
     print()
     print(markdown_table(["threads", "runner", "batch", "FASB monitor", "decode tok/s", "x generate", "x hf",

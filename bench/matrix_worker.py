@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--quantization", default="none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
     args = p.parse_args()
 
     from server.config import Settings
@@ -103,7 +105,7 @@ def main() -> None:
 
     start = time.perf_counter()
     if args.runner == "generate":
-        loaded = load_model(args.model, max_model_len=args.max_model_len)
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
         ids = chat_prompt_ids(loaded.tokenizer, LONG_STORY_PROMPT)
         reply(protocol, {"ready": True, "startup_s": time.perf_counter() - start, "rss_mb": peak_rss_mb()})
         for line in sys.stdin:
@@ -114,7 +116,7 @@ def main() -> None:
             reply(protocol, result | {"rss_mb": peak_rss_mb()})
         return
     engine = Engine(Settings(model=args.model, runner=args.runner, compile=bool(args.compile),
-                             quantization=args.quantization,
+                             quantization=args.quantization, device=args.device, dtype=args.dtype,
                              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len))
     engine.load()
     ids = engine.encode_chat([{"role": "user", "content": LONG_STORY_PROMPT}])

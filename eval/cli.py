@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quantization", choices=("none", "int8"), default="none",
+                   help="weights as the server's --quantization (quality of a quantized model)")
     p.add_argument("--out", help="JSON path (default eval/results/<name>.json)")
 
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(mc)
     _steering(mc)
     mc.add_argument("--batch-rows", type=int, default=16, help="answers per forward pass")
+    mc.add_argument("--rows", type=lambda t: tuple(x for x in t.split(",") if x), default=("baseline", "iti", "fasb"),
+                    help="comma-separated subset of baseline,iti,fasb (e.g. baseline,fasb for a quantization check)")
     gen = tqa.add_parser("gen", help="greedy generation through the Engine, judged by embedding similarity")
     _common(gen)
     _steering(gen)

@@ -11,7 +11,11 @@ FASB (reference): one unsteered pass; walk the answer positions, skipping the fi
 `backtrack_tokens` unless it is the last one; at the first position j whose mean probe P(true) is
 below `threshold`, steer every position from j - backtrack_tokens (not before the answer) with
 c = alpha * (1 - p); re-score the whole answer with that steering. No trigger: the unsteered score.
-The check schedule and the rollback length are the server's (server.steering.policy).
+
+This is the reference's 0-based rule, kept so MC numbers compare with the paper's: position j is
+checked once j >= backtrack_tokens, i.e. after j + 1 tokens. The server's decoder checks one token
+earlier (once t = j + 1 >= backtrack_tokens; server/steering/policy.py `check_due`) and keeps one
+more token on a backtrack. eval/mc_tasks.md lists the difference.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from dataclasses import dataclass, replace
 
 from eval.mc_scoring import ScoredSequence
 from server.steering.bank import steering_strength
-from server.steering.policy import check_due, tokens_to_drop
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,14 @@ def iti_sequence(seq: ScoredSequence, alpha: float) -> ScoredSequence:
 def fasb_trigger(answer_probs: list[float], threshold: float, backtrack_tokens: int) -> Trigger | None:
     last = len(answer_probs) - 1
     for j, p in enumerate(answer_probs):
-        if check_due(j, backtrack_tokens, final=j == last) and p < threshold:
+        if (j >= backtrack_tokens or j == last) and p < threshold:
             return Trigger(j, p)
     return None
 
 
 def fasb_sequence(seq: ScoredSequence, trigger: Trigger, alpha: float, backtrack_tokens: int) -> ScoredSequence:
     """Steer from `backtrack_tokens` before the trigger (the backtrack) at the adaptive strength."""
-    kept = trigger.index - tokens_to_drop(trigger.index, backtrack_tokens)
+    kept = max(trigger.index - backtrack_tokens, 0)
     strength = steering_strength(trigger.probe_score, alpha, adaptive=True)
     return replace(seq, steer_from=seq.answer_start + kept, strength=strength)
 

@@ -20,7 +20,6 @@ from dataclasses import replace
 from eval.mc_scoring import ScoredSequence
 from eval.mc_steering import Trigger
 from server.steering.bank import steering_strength
-from server.steering.policy import tokens_to_drop
 
 
 def iti_from_prompt_end(seq: ScoredSequence, alpha: float) -> ScoredSequence:
@@ -28,6 +27,6 @@ def iti_from_prompt_end(seq: ScoredSequence, alpha: float) -> ScoredSequence:
 
 
 def fasb_from_last_kept(seq: ScoredSequence, trigger: Trigger, alpha: float, backtrack_tokens: int) -> ScoredSequence:
-    kept = trigger.index - tokens_to_drop(trigger.index, backtrack_tokens)
+    kept = max(trigger.index - backtrack_tokens, 0)  # the trigger's 0-based schedule (eval/mc_steering.py)
     strength = steering_strength(trigger.probe_score, alpha, adaptive=True)
     return replace(seq, steer_from=seq.answer_start + kept - 1, strength=strength)

@@ -159,7 +159,8 @@ def false_alarm_rates(args, thresholds) -> dict[float, float]:
     from eval.runtime import load_model_and_artifact
     from steering_artifacts.false_alarm import firing_rate, load_pairs, score_answers
 
-    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads)
+    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads,
+                                               args.quantization)
     scored = score_answers(loaded.model, loaded.tokenizer, artifact, load_pairs(args.false_alarm_set),
                            args.backtrack_tokens)
     mins = [a.min_check_score for a in scored]

@@ -20,7 +20,8 @@ MC_COLUMNS = ["row", "alpha", "threshold", "mc1", "mc2", "mc3", "steered_answers
 
 
 def _evaluation(args) -> tuple[MCEvaluation, dict]:
-    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads)
+    loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads,
+                                               args.quantization)
     if artifact.prompt_format != "qa":
         log.warning("artifact %s is %s-format; the MC prompts are qa text", args.artifact, artifact.prompt_format)
     data_dir = Path(args.data_dir)
@@ -32,6 +33,7 @@ def _evaluation(args) -> tuple[MCEvaluation, dict]:
              len(questions), args.split, len(items), len(prefix))
     scorer = MCScorer(loaded.model, artifact, prefix, batch_rows=args.batch_rows)
     info = {"artifact": str(args.artifact), "prompt_format": artifact.prompt_format, "split": args.split,
+            "quantization": args.quantization,
             "questions": len(questions), "answers": len(items), "num_heads": artifact.num_heads,
             "command": "python -m eval " + shlex.join(sys.argv[1:])}
     return MCEvaluation(scorer, items, questions), info
@@ -40,8 +42,12 @@ def _evaluation(args) -> tuple[MCEvaluation, dict]:
 def run_mc(args) -> dict:
     evaluation, info = _evaluation(args)
     values = row_values(args, evaluation.scorer.bank.artifact.manifest)
-    rows = [evaluation.baseline(), evaluation.iti(values.iti_alpha),
-            evaluation.fasb(values.alpha, values.threshold, values.backtrack_tokens)]
+    unknown = set(args.rows) - {"baseline", "iti", "fasb"}
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)} (baseline, iti, fasb)")
+    make = {"baseline": evaluation.baseline, "iti": lambda: evaluation.iti(values.iti_alpha),
+            "fasb": lambda: evaluation.fasb(values.alpha, values.threshold, values.backtrack_tokens)}
+    rows = [make[name]() for name in ("baseline", "iti", "fasb") if name in args.rows]
     print_table(f"TruthfulQA MC, {info['questions']} {args.split} questions ({args.artifact})", rows, MC_COLUMNS)
     payload = {**info, "rows": rows, "monitor": evaluation.monitor_summary()}
     write_json(payload, args.out, f"truthfulqa_mc_{args.split}")

@@ -24,6 +24,7 @@ from server.engine.types import (
 from server.errors import EngineNotReadyError, InvalidRequestError, ServerError, ShuttingDownError
 
 PROMPT_TOKENS = 7
+BOS = 1  # the special token encode_prompt adds by default, as a real tokenizer's BOS
 
 
 def _logprobs(texts: list[str]) -> list[TokenLogprob]:
@@ -125,11 +126,29 @@ class FakeEngine:
     def behaviors(self) -> list[BehaviorInfo]:
         return [BehaviorInfo("truthfulness", 24, "chat", 8.0, 0.5, 10, 0.8)]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._encode("".join(m["role"] + m["content"] for m in messages), "messages")
+    def encode_chat(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        text = "".join(m["role"] + m["content"] for m in messages) + ("assistant" if add_generation_prompt else "")
+        return ([BOS] if add_special_tokens else []) + self._encode(text, "messages")
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, list) else self._encode(prompt, "prompt")
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
+        return ([BOS] if add_special_tokens else []) + self._encode(prompt, "prompt")
+
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        """The inverse of `_encode` (one character per token id)."""
+        if any(not 0 <= t < 256 for t in token_ids):
+            raise InvalidRequestError("token ids must be in [0, 256)", param="tokens")
+        return "".join(chr(t) for t in token_ids)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return [f"<{t}>" for t in token_ids]
 
     def _encode(self, text: str, param: str) -> list[int]:
         if len(text) > self.max_model_len:

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from server.api.errors import INTERNAL_ERROR_MESSAGE, InvalidAPIKeyError, error_response, validation_error
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, Usage
-from server.api.serving import ChoiceResult, EngineBugError, submit_choices, usage_of
+from server.api.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, TokenizeRequest, Usage
+from server.api.serving import ChoiceResult, EngineBugError, submit_choices, submit_prompts, usage_of
 from server.api.sse import ChatChunks, ChoiceStreamState, CompletionChunks, next_chunk
 from server.engine.types import Finished, Retraction, SteeringParams, TextDelta, TokenLogprob
 from server.errors import EngineNotReadyError, ModelNotFoundError, QueueFullError
@@ -40,10 +40,11 @@ def rejected_param(model: type, body: dict) -> str | None:
         ({"top_p": 0}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"n": 0}, "n"),
-        ({"n": 9}, "n"),
+        ({"n": 129}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -5}, "max_completion_tokens"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),
+        ({"stop": ["x" * 257]}, "stop.0"),
         ({"stop": [""]}, "stop.0"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs
@@ -150,19 +151,34 @@ def test_include_usage_only_when_streaming():
     assert not chat(stream=True).include_usage  # stream_options without stream is a 400 (see above)
 
 
-@pytest.mark.parametrize("prompt, expected", [("hi", "hi"), (["hi"], "hi"), ([1, 2, 3], [1, 2, 3])])
-def test_completion_prompt_forms(prompt, expected):
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("hi", ["hi"]),
+        (["hi"], ["hi"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        ([[1, 2], [3]], [[1, 2], [3]]),
+        (["x"] * MAX_PROMPTS, ["x"] * MAX_PROMPTS),
+    ],
+)
+def test_completion_prompt_forms_become_a_list_of_prompts(prompt, expected):
     assert CompletionRequest(model="m", prompt=prompt).prompt == expected
 
 
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": [True]}, "prompt"),
-        ({"echo": True}, "echo"),
+        ({"prompt": [[1], []]}, "prompt"),
+        ({"prompt": [[1], "a"]}, "prompt"),
+        ({"prompt": [[1, True]]}, "prompt"),
+        ({"prompt": [[[1]]]}, "prompt"),
+        ({"prompt": ["a"] * (MAX_PROMPTS + 1)}, "prompt"),
+        ({"prompt": ["ok", "\ud800"]}, "prompt"),
+        ({"echo": True, "logprobs": 0}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 2}, "best_of"),
         ({"logprobs": 6}, "logprobs"),
@@ -172,6 +188,30 @@ def test_completion_prompt_forms(prompt, expected):
 )
 def test_completion_request_rejects(fields, param):
     assert rejected_param(CompletionRequest, {"model": "m", "prompt": "p", **fields}) == param
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({}, "messages"),  # neither prompt nor messages
+        ({"prompt": "a", "messages": USER}, "messages"),
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": USER, "continue_final_message": True}, "continue_final_message"),
+        ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+        ({"prompt": "a", "return_token_strs": "maybe"}, "return_token_strs"),
+    ],
+)
+def test_tokenize_request_rejects(fields, param):
+    assert rejected_param(TokenizeRequest, fields) == param
+
+
+def test_tokenize_request_forms():
+    assert TokenizeRequest(prompt="hi").messages is None
+    chat_form = TokenizeRequest(messages=USER, add_generation_prompt=False, continue_final_message=True)
+    assert chat_form.engine_messages() == [{"role": "user", "content": "hi"}]
 
 
 def test_completion_logprobs_are_legacy_top_k():
@@ -287,7 +327,39 @@ def test_usage_counts_the_prompt_once():
     assert usage.model_dump() == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "discarded_tokens": 3}
 
 
+def test_usage_counts_each_prompt_once():
+    # two prompts (5 and 9 tokens) x n=2, in choice order
+    finished = [Finished("stop", 5, 1, 0, None), Finished("stop", 5, 2, 0, None),
+                Finished("stop", 9, 3, 1, None), Finished("stop", 9, 4, 0, None)]
+    usage = usage_of(finished, prompts=2).model_dump()
+    assert usage == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24, "discarded_tokens": 1}
+
+
 # --------------------------------------------------------------------------- submitting choices
+
+
+@pytest.mark.asyncio
+async def test_prompts_are_submitted_prompt_major_with_the_seeds_of_a_single_request():
+    engine = FakeEngine(ready=True)
+    submit_prompts(engine, "r", [[1], [2, 3]], chat(seed=10).to_sampling_params(5), None, 2)
+    assert [(r.prompt_token_ids, r.sampling.seed) for r in engine.submitted] == [
+        ([1], 10), ([1], 11), ([2, 3], 10), ([2, 3], 11)
+    ]
+    assert len({r.request_id for r in engine.submitted}) == 4
+
+
+@pytest.mark.asyncio
+async def test_a_failed_submit_of_a_later_prompt_cancels_the_earlier_prompts_choices():
+    class FullAfterTwo(FakeEngine):
+        def submit(self, request):
+            if len(self.submitted) == 2:
+                raise QueueFullError()
+            return super().submit(request)
+
+    engine = FullAfterTwo(ready=True)
+    with pytest.raises(QueueFullError):
+        submit_prompts(engine, "r", [[1], [2]], chat().to_sampling_params(5), None, 2)
+    assert [s.cancelled for s in engine.streams] == [True, True]
 
 
 @pytest.mark.asyncio

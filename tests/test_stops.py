@@ -160,3 +160,17 @@ def test_short_stop_completing_first_wins_over_longer_earlier_one():
     # "aba" begins first, but "b" is complete one piece before "aba" is.
     piece_index, hit, sent = stream(StopMatcher(["aba", "b"]), ["ab", "a"])
     assert (piece_index, hit, "".join(sent)) == (0, 1, "a")
+
+
+def _holdback_by_definition(stops: list[str], text: str) -> int:
+    """The longest suffix of `text` that is a proper prefix of some stop, checked naively."""
+    return max((n for s in stops if s for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+def test_holdback_equals_its_definition_on_random_text():
+    rng = random.Random(7)
+    for _ in range(5000):
+        alphabet = rng.choice(["ab", "ab ", "abc\n"])
+        stops = ["".join(rng.choices(alphabet, k=rng.randint(1, 9))) for _ in range(rng.randint(1, 8))]
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 30)))
+        assert StopMatcher(stops).holdback(text) == _holdback_by_definition(stops, text), (stops, text)

@@ -33,11 +33,13 @@ def check_model(engine: EngineClient, model: str) -> None:
         raise ModelNotFoundError(model)
 
 
-def check_choices(engine: EngineClient, n: int) -> None:
-    """`n` choices each take a place in the queue: more than it has can never be admitted."""
-    if n > engine.max_queue:
+def check_choices(engine: EngineClient, n: int, prompts: int = 1) -> None:
+    """`n` choices per prompt each take a place in the queue: more than it has can never be admitted."""
+    if n * prompts > engine.max_queue:
+        asked = f"n is {n}" if prompts == 1 else f"{prompts} prompts x n={n} make {n * prompts} choices"
         raise InvalidRequestError(
-            f"n is {n}, but this server queues at most {engine.max_queue} generations (--max-queue)", param="n"
+            f"{asked}, but this server queues at most {engine.max_queue} generations (--max-queue)",
+            param="n" if prompts == 1 else "prompt",
         )
 
 

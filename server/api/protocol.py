@@ -38,8 +38,16 @@ from server.engine.types import (
 
 # Upper bounds on what one request may ask for, so that no value can overflow a tensor or keep the
 # engine busy for ever (README "Limits"). Lengths (max_tokens) are checked against the context.
-MAX_CHOICES = 8
-MAX_STOP_SEQUENCES = 4
+# Every choice (n per prompt) takes a place in the engine's queue, so `--max-queue` is the real
+# limit on n x prompts (server/api/deps.py check_choices); these caps only bound the request itself.
+MAX_CHOICES = 128  # OpenAI's own cap on n
+MAX_PROMPTS = 128  # prompts in one /v1/completions request
+# Stop strings are matched on every new token of every running sequence (server/engine/stops.py):
+# per token, one automaton step per character of the longest string plus one substring search per
+# string; the automaton takes memory and build time in proportion to the total characters. 16
+# strings of 256 characters: ~0.1 ms per token, worst inputs included, ~1 MB and ~10 ms once per
+# request (bench/bench_stops.py; README "Limits").
+MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_TOKENS = 2**31 - 1
 MAX_TOP_K = 2**20  # above any vocabulary; the engine clamps it to the model's vocabulary size
@@ -339,9 +347,53 @@ class ChatCompletionRequest(GenerationRequestFields):
         return self._sampling(max_tokens, self.logprobs, self.top_logprobs or 0)
 
 
+PromptIds = list[int]
+
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+            "minItems": 1,
+            "maxItems": MAX_PROMPTS,
+        },
+    ],
+    "title": "Prompt",
+}
+
+
+def _prompt_list(value: Any) -> list[str | PromptIds]:
+    """OpenAI's four prompt forms as one list of prompts: a string, a list of strings, a list of
+    token ids (one prompt), or a list of token-id lists."""
+    if isinstance(value, str):
+        return [_valid_unicode(value)]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    if all(_is_token_id(t) for t in value):
+        return [value]
+    if len(value) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+    if all(isinstance(p, str) for p in value):
+        return [_valid_unicode(p) for p in value]
+    if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+        return value
+    raise ValueError(
+        "must be a string, a list of strings, a non-empty list of token ids or a list of non-empty token-id "
+        "lists (one form per request)"
+    )
+
+
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int  # not bool, which is an int subclass
+
+
 class CompletionRequest(GenerationRequestFields):
-    # One prompt per request: a string, a one-string list, or token ids.
-    prompt: str | list[int]
+    # Always a list of prompts once validated; choices are indexed prompt-major (prompt i, choice j
+    # -> index i * n + j), as OpenAI does.
+    prompt: Annotated[list[str | PromptIds], WithJsonSchema(_PROMPT_SCHEMA)]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
@@ -349,18 +401,19 @@ class CompletionRequest(GenerationRequestFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-            return _valid_unicode(value[0])
-        if isinstance(value, str):
-            return _valid_unicode(value)
-        if isinstance(value, list) and value and all(type(t) is int for t in value):
-            return value
-        if isinstance(value, list) and len(value) > 1 and all(isinstance(t, str) for t in value):
-            raise ValueError("batched prompts are not supported; send one prompt per request")
-        raise ValueError("must be a string, a list of one string, or a non-empty list of token ids")
+    def _prompts(cls, value: Any) -> Any:
+        return _prompt_list(value)
 
-    @field_validator("echo", "suffix")
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        # OpenAI would add the prompt tokens' logprobs; prefill does not compute them (README
+        # "Differences from the OpenAI API"), and leaving them out silently would misalign the lists.
+        if value and info.data.get("logprobs") is not None:
+            raise ValueError(f"together with `logprobs` is {NOT_SUPPORTED} (no prompt-token logprobs)")
+        return value
+
+    @field_validator("suffix")
     @classmethod
     def _unsupported_if_set(cls, value: Any) -> Any:
         if value:
@@ -378,6 +431,67 @@ class CompletionRequest(GenerationRequestFields):
         """`default_max_tokens` None: the engine's default, capped to the room the prompt leaves."""
         # Legacy logprobs=k: the sampled token's logprob plus the k most likely alternatives.
         return self._sampling(self.max_tokens or default_max_tokens, self.logprobs is not None, self.logprobs or 0)
+
+
+class TokenizeRequest(RequestModel):
+    """POST /tokenize (vLLM's shape; not in the OpenAI spec): either a raw `prompt`, or chat
+    `messages` as the chat template renders them."""
+
+    model: str | None = None
+    prompt: UnicodeText | None = Field(None, description="raw text to tokenize")
+    messages: list[RequestMessage] | None = Field(
+        None, min_length=1, validate_default=True, description="chat messages to template, then tokenize"
+    )
+    add_generation_prompt: bool = Field(True, description="(messages) end with the assistant's turn header")
+    continue_final_message: bool = Field(False, description="(messages) leave the last, assistant message open")
+    add_special_tokens: bool | None = Field(
+        None, description="add the tokenizer's special tokens (e.g. BOS); default: true for prompt, false for messages"
+    )
+    return_token_strs: bool = Field(False, description="also return each token's string")
+    tools: list[dict[str, Any]] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(cls, value: list[RequestMessage] | None, info: ValidationInfo) -> Any:
+        has_prompt = info.data.get("prompt") is not None
+        if value is None and not has_prompt and "prompt" in info.data:
+            raise ValueError("give either `prompt` (raw text) or `messages` (a chat)")
+        if value is not None and has_prompt:
+            raise ValueError("give either `prompt` or `messages`, not both")
+        return value
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _not_both(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("cannot be combined with `add_generation_prompt` (set that to false)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(NOT_SUPPORTED)
+        return value
+
+    def engine_messages(self) -> list[dict[str, str]]:
+        return [message.to_engine() for message in self.messages or ()]
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
 
 
 # --------------------------------------------------------------------------- responses

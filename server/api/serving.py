@@ -54,8 +54,16 @@ class EngineClient(Protocol):
     def idle(self) -> bool: ...
     def abort_all(self, error: Exception) -> None: ...
     def behaviors(self) -> list[BehaviorInfo]: ...
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
+    def encode_chat(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
+    ) -> list[int]: ...
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]: ...
+    def decode_tokens(self, token_ids: list[int]) -> str: ...
+    def token_strings(self, token_ids: list[int]) -> list[str]: ...
     def submit(self, request: GenerationRequest) -> GenerationStream: ...
     def stats(self) -> dict[str, int]: ...
 
@@ -85,6 +93,27 @@ def submit_choices(
             streams.append(engine.submit(GenerationRequest(choice_id, prompt_token_ids, choice_sampling, steering)))
     except BaseException:
         cancel_all(streams)  # e.g. the queue filled up at choice 3: drop choices 0-2 too
+        raise
+    return streams
+
+
+def submit_prompts(
+    engine: EngineClient,
+    request_id: str,
+    prompts: Sequence[list[int]],
+    sampling: SamplingParams,
+    steering: SteeringParams | None,
+    n: int,
+) -> list[GenerationStream]:
+    """n choices for each prompt, prompt-major: choice j of prompt i is stream i * n + j."""
+    if len(prompts) == 1:
+        return submit_choices(engine, request_id, prompts[0], sampling, steering, n)
+    streams: list[GenerationStream] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            streams += submit_choices(engine, f"{request_id}-p{i}", prompt, sampling, steering, n)
+    except BaseException:
+        cancel_all(streams)
         raise
     return streams
 
@@ -183,9 +212,11 @@ async def _client_disconnected(request: Request) -> None:
         pass
 
 
-def usage_of(finished: Sequence[Finished]) -> Usage:
-    """Usage over all choices: the prompt counts once, answers and discarded tokens add up."""
-    prompt = finished[0].prompt_tokens if finished else 0
+def usage_of(finished: Sequence[Finished], prompts: int = 1) -> Usage:
+    """Usage over all choices, in choice order (prompt-major, as many per prompt): each prompt
+    counts once, answers and discarded tokens add up."""
+    per_prompt = max(1, len(finished) // prompts)
+    prompt = sum(f.prompt_tokens for f in finished[::per_prompt])
     completion = sum(f.completion_tokens for f in finished)
     return Usage(
         prompt_tokens=prompt,

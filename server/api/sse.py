@@ -101,18 +101,28 @@ class ChatChunks:
 
 @dataclass(frozen=True)
 class CompletionChunks:
-    """Chunks of one /v1/completions stream (legacy `text_completion` objects)."""
+    """Chunks of one /v1/completions stream (legacy `text_completion` objects).
+
+    `echo`: with `echo: true`, each prompt's text, sent as the first chunk of each of its `n`
+    choices (choice index // n is the prompt's index)."""
 
     id: str
     model: str
     with_logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    echo: tuple[str, ...] = ()
+    n: int = 1
 
     def _chunk(self, choice: CompletionChoice) -> CompletionResponse:
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])
 
-    def role(self, index: int) -> None:
-        return None  # legacy completions have no roles
+    def echoed(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo else ""
+
+    def role(self, index: int) -> CompletionResponse | None:
+        # Legacy completions have no roles; the first chunk is the echoed prompt, if asked for.
+        # (Echo comes without logprobs, so the logprobs' text offsets need not count it.)
+        return self._chunk(CompletionChoice(index=index, text=self.echoed(index))) if self.echo else None
 
     def text(self, choice: ChoiceStreamState, event: TextDelta) -> CompletionResponse:
         logprobs = None
@@ -150,12 +160,14 @@ def next_chunk(chunks: ChunkBuilder, choice: ChoiceStreamState, event: EngineEve
 
 
 async def stream_payloads(
-    streams: Sequence[GenerationStream], chunks: ChunkBuilder, record: RequestRecord, include_usage: bool
+    streams: Sequence[GenerationStream], chunks: ChunkBuilder, record: RequestRecord, include_usage: bool,
+    prompts: int = 1,
 ) -> AsyncIterator[str]:
     """The `data:` payloads of one streamed response, `[DONE]` last; the streams are cancelled
-    however this ends (finished, failed, or closed because the client went away)."""
+    however this ends (finished, failed, or closed because the client went away). `prompts`: how
+    many prompts the streams answer, prompt-major (the usage counts each prompt once)."""
     choices = [ChoiceStreamState(i) for i in range(len(streams))]
-    finished: list[Finished] = []
+    finished: list[Finished | None] = [None] * len(streams)
     try:
         for choice in choices:
             if (first := chunks.role(choice.index)) is not None:
@@ -163,12 +175,12 @@ async def stream_payloads(
         async for index, event in merged_events(streams):
             record.observe(event)
             if isinstance(event, Finished):
-                finished.append(event)
+                finished[index] = event
             yield next_chunk(chunks, choices[index], event).model_dump_json()
-        if len(finished) != len(streams):
+        if None in finished:
             raise EngineBugError("a choice's events ended without a Finished event")
         if include_usage:
-            yield chunks.usage(usage_of(finished)).model_dump_json()
+            yield chunks.usage(usage_of(finished, prompts)).model_dump_json()
     except Exception as exc:  # the status line is long gone: report the error in-band
         yield _error_payload(exc)
     finally:

@@ -252,26 +252,55 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return self._queue.stats()
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        """The chat template's prompt for `messages`, tokenised. The keyword arguments are /tokenize's
+        (vLLM's): the defaults are what generation uses."""
         tokenizer = self._require_ready().tokenizer
         self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            text = tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+            )
         except Exception as exc:  # template errors (e.g. role order) are the request's fault
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # What apply_chat_template(tokenize=True) does, with the special tokens made a choice.
+        return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         loaded = self._require_ready()
         if isinstance(prompt, str):
             self._check_prompt_chars(len(prompt), "prompt")
-            return loaded.tokenizer(prompt, add_special_tokens=True).input_ids
-        vocab = loaded.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return loaded.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        self._check_token_ids(prompt, "prompt")
         return list(prompt)
+
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens included (so /tokenize then /detokenize round-trips)."""
+        loaded = self._require_ready()
+        self._check_token_ids(token_ids, "tokens")
+        return loaded.tokenizer.decode(token_ids)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each token's vocabulary string (e.g. "Ġthe"), as /tokenize's `return_token_strs` gives them."""
+        loaded = self._require_ready()
+        self._check_token_ids(token_ids, "tokens")
+        return list(loaded.tokenizer.convert_ids_to_tokens(token_ids))
+
+    def _check_token_ids(self, token_ids: list[int], param: str) -> None:
+        vocab = self._require_ready().model.config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"{param} token ids must be in [0, {vocab})", param=param)
 
     def _check_prompt_chars(self, chars: int, param: str) -> None:
         """Refuse, before tokenising, text that needs more tokens than the context has: no token is

@@ -115,7 +115,7 @@ BAD_REQUESTS = [
     ({"messages": QUESTION, "max_tokens": 10**6}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),  # longer than the context
     ({"messages": QUESTION, "temperature": "warm"}, 400, "temperature"),
-    ({"messages": QUESTION, "n": 9}, 400, "n"),
+    ({"messages": QUESTION, "n": 129}, 400, "n"),
     ({"messages": QUESTION, "steering": {"mode": "fasb", "strength": 3}}, 400, "steering.strength"),
     ({"messages": QUESTION, "steering": {"threshold": 2}}, 400, "steering.threshold"),
     ({"messages": QUESTION, "seed": 2**70}, 400, "seed"),  # beyond 64 bits (was a 500)

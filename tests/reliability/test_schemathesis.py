@@ -48,13 +48,16 @@ from schemathesis.specs.openapi.checks import (
 from tests.e2e.harness import ServerProcess, running_server
 from tests.reliability.conftest import server_args
 
-OPERATIONS = {  # path -> the schema of one streamed chunk, as the OpenAPI document names it
+OPERATIONS = {  # path -> the schema of one streamed chunk, as the OpenAPI document names it (None: never streams)
     "/v1/chat/completions": "ChatCompletionChunk",
     "/v1/completions": "CompletionResponse",
+    "/tokenize": None,
+    "/detokenize": None,
 }
 EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 50}
 MAX_TOKENS = 8  # the most any valid request may generate per choice (before backtracks)
 MAX_N = 3
+MAX_PROMPTS = 3  # prompts kept from a list of prompts (/v1/completions)
 REQUEST_TIMEOUT_S = 120.0  # a request still unanswered after this is reported as a hang
 BEHAVIOR = "synthetic"
 # Positive cases get one of these merged into `steering` often, so every mode (and a backtrack, which
@@ -75,7 +78,7 @@ NUMBER_FIELDS = (
     ("steering", "max_backtracks"), ("steering", "num_heads"),
 )
 TEXT_FIELDS = (("model",), ("user",), ("steering", "behavior"), ("stop",), ("messages",), ("prompt",))
-UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "best_of", "echo", "suffix", "tools")
+UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "best_of", "suffix", "tools")
 MAX_INT = 2**31 - 1
 
 # Schemathesis' checks for a non-streamed answer; the envelope and the streams are checked below.
@@ -110,6 +113,7 @@ def chunk_validators(fuzz_server) -> dict[str, Any]:
     return {
         path: jsonschema_rs.validator_for({"$ref": f"#/components/schemas/{name}", "components": components})
         for path, name in OPERATIONS.items()
+        if name is not None
     }
 
 
@@ -130,7 +134,7 @@ def _knobs(body: Any) -> dict[str, int]:
     }
 
 
-def _shorten(body: Any, knobs: dict[str, int], model: str, mode: GenerationMode) -> Any:
+def _shorten(body: Any, knobs: dict[str, int], model: str, mode: GenerationMode, path: str) -> Any:
     """The case's body, made cheap to answer and valid often enough (see the module docstring)."""
     if not isinstance(body, dict):
         return body
@@ -148,9 +152,10 @@ def _shorten(body: Any, knobs: dict[str, int], model: str, mode: GenerationMode)
     steering = body.get("steering")
     if isinstance(steering, dict) and isinstance(steering.get("behavior"), str) and knobs["behavior"] < 70:
         body["steering"] = {**steering, "behavior": BEHAVIOR}
-    if mode is GenerationMode.POSITIVE and knobs["stream"] < 40:
+    generation = path.startswith("/v1/")
+    if generation and mode is GenerationMode.POSITIVE and knobs["stream"] < 40:
         body["stream"] = True
-    if mode is GenerationMode.POSITIVE and knobs["steering"] < len(STEERING):
+    if generation and mode is GenerationMode.POSITIVE and knobs["steering"] < len(STEERING):
         steering = body.get("steering")
         body["steering"] = {**(steering if isinstance(steering, dict) else {}), **STEERING[knobs["steering"]]}
     if mode is GenerationMode.POSITIVE and knobs["supported"] < 60:
@@ -158,12 +163,28 @@ def _shorten(body: Any, knobs: dict[str, int], model: str, mode: GenerationMode)
         for field in UNSUPPORTED:
             body.pop(field, None)
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list | str) for p in prompt):
+        body["prompt"] = prompt = prompt[:MAX_PROMPTS]  # a list of prompts: n choices for each
     if mode is GenerationMode.POSITIVE and knobs["prompt"] < 75 and isinstance(prompt, list | str):
         if not prompt:
             body["prompt"] = "Hello"  # an empty prompt is a 400
-        elif isinstance(prompt, list) and all(_valid_int(token, -(2**63), 2**63) for token in prompt):
-            body["prompt"] = [abs(token) % 256 for token in prompt]  # ids the tiny vocabulary has
+        elif isinstance(prompt, list):
+            body["prompt"] = _known_ids(prompt)
+    if mode is GenerationMode.POSITIVE and knobs["prompt"] < 75 and isinstance(body.get("tokens"), list):
+        body["tokens"] = _known_ids(body["tokens"])  # /detokenize
+    if path == "/tokenize" and mode is GenerationMode.POSITIVE:  # exactly one of prompt, messages is valid
+        if "prompt" in body and "messages" in body:
+            del body["prompt" if knobs["prompt"] % 2 else "messages"]
+        elif "prompt" not in body and "messages" not in body and knobs["prompt"] < 75:
+            body["prompt"] = "Hello"
     return body
+
+
+def _known_ids(value: Any) -> Any:
+    """Token ids (or lists of them) mapped into the tiny vocabulary; anything else unchanged."""
+    if isinstance(value, list):
+        return [_known_ids(item) for item in value]
+    return abs(value) % 256 if _valid_int(value, -(2**63), 2**63) else value
 
 
 def _make_hostile(body: dict, knobs: dict[str, int], chat: bool) -> dict:
@@ -257,11 +278,19 @@ def _problems(case, response: schemathesis.Response, body: Any, stream_validator
         case.validate_response(response, checks=JSON_CHECKS)
     except FailureGroup as group:
         problems.extend(f"schemathesis: {failure.title}: {failure.message[:400]}" for failure in group.exceptions)
+    if case.path in ("/tokenize", "/detokenize"):
+        return problems
     n = body.get("n", 1) if isinstance(body, dict) else 1
+    expected = n * _prompt_count(body.get("prompt")) if isinstance(n, int) else None
     choices = response.json().get("choices")
-    if isinstance(n, int) and (not isinstance(choices, list) or len(choices) != n):
-        problems.append(f"{len(choices) if isinstance(choices, list) else choices!r} choices for n={n}")
+    if expected is not None and (not isinstance(choices, list) or len(choices) != expected):
+        problems.append(f"{len(choices) if isinstance(choices, list) else choices!r} choices for n={n} (x prompts)")
     return problems
+
+
+def _prompt_count(prompt: Any) -> int:
+    """Prompts in a /v1/completions `prompt` (1 for chat, which has none)."""
+    return len(prompt) if isinstance(prompt, list) and all(isinstance(p, list | str) for p in prompt) else 1
 
 
 def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, validator: Any,
@@ -280,7 +309,7 @@ def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, val
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case):
         knobs = _knobs(case.body)
-        body = _shorten(case.body, knobs, server.model, mode)
+        body = _shorten(case.body, knobs, server.model, mode, path)
         if mode is GenerationMode.POSITIVE and knobs["hostile"] < 25 and isinstance(body, dict):
             body = _make_hostile(body, knobs, chat=path == "/v1/chat/completions")
             case.body = json.dumps(body).encode()  # bytes: sent as they are
@@ -316,7 +345,7 @@ def _run(api_schema, server: ServerProcess, path: str, mode: GenerationMode, val
 @pytest.mark.parametrize("mode", list(EXAMPLES), ids=lambda mode: mode.value)
 @pytest.mark.parametrize("path", list(OPERATIONS))
 def test_schemathesis(fuzz_server, api_schema, chunk_validators, path, mode, tmp_path):
-    sent, failures = _run(api_schema, fuzz_server, path, mode, chunk_validators[path], tmp_path)
+    sent, failures = _run(api_schema, fuzz_server, path, mode, chunk_validators.get(path), tmp_path)
     assert not failures, f"{len(failures)} of {sent} cases failed:\n" + "\n".join(failures[:20])
     assert sent >= EXAMPLES[mode] // 2, f"only {sent} cases were sent"
     assert httpx.get(f"{fuzz_server.base_url}/health", timeout=10).status_code == 200

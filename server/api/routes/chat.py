@@ -33,7 +33,7 @@ async def create_chat_completion(
     prompt = await run_in_threadpool(engine.encode_chat, body.engine_messages())
     sampling = body.to_sampling_params()
     chunks = ChatChunks(id=f"chatcmpl-{record.request_id}", model=engine.model_name, with_logprobs=body.logprobs)
-    return await generate(request, engine, record, body, prompt, sampling, chunks, chat_completion)
+    return await generate(request, engine, record, body, [prompt], sampling, chunks, chat_completion)
 
 
 def chat_completion(chunks: ChatChunks, results: list[ChoiceResult]) -> ChatCompletionResponse:

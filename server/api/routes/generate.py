@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from fastapi import Request, Response
@@ -14,7 +14,7 @@ from server.api.serving import (
     ChoiceResult,
     EngineClient,
     collect_unless_disconnected,
-    submit_choices,
+    submit_prompts,
 )
 from server.api.sse import ChunkBuilder, sse_response, stream_payloads
 from server.engine.types import SamplingParams
@@ -28,16 +28,17 @@ async def generate(
     engine: EngineClient,
     record: RequestRecord,
     body: GenerationRequestFields,
-    prompt: list[int],
+    prompts: Sequence[list[int]],
     sampling: SamplingParams,
     chunks: Chunks,
     answer: Callable[[Chunks, list[ChoiceResult]], Answer],
 ) -> Response | Answer:
-    """Submit body.n choices; stream their chunks, or build the `answer` from their final texts."""
-    streams = submit_choices(engine, record.request_id, prompt, sampling, body.to_steering_params(), body.n)
+    """Submit body.n choices per prompt (prompt-major); stream their chunks, or build the `answer`
+    from their final texts."""
+    streams = submit_prompts(engine, record.request_id, prompts, sampling, body.to_steering_params(), body.n)
     if body.stream:
         record.streamed = True
-        return sse_response(stream_payloads(streams, chunks, record, body.include_usage), streams)
+        return sse_response(stream_payloads(streams, chunks, record, body.include_usage, len(prompts)), streams)
     results = await collect_unless_disconnected(request, streams, record.observe)
     if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
