@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from functools import lru_cache
 
 import llguidance
@@ -58,9 +59,14 @@ class GrammarCompiler:
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
 
     def matcher(self, fmt: ResponseFormat) -> GrammarMatcher:
-        """A fresh matcher; raises InvalidRequestError naming what the schema uses that is unsupported."""
+        """A fresh matcher; raises InvalidRequestError naming what the schema uses that is unsupported.
+
+        The grammar is compiled (and cached) here, on the caller's thread, so a bad schema is a 400
+        before anything streams; the parser itself is built on first use, on the decode worker,
+        since building it releases the GIL and would let the worker start the first of a burst of
+        requests before the rest were submitted (bench/bench_structured.py)."""
         grammar = self._compile(fmt)
-        return GrammarMatcher(llguidance.LLMatcher(self._tokenizer, grammar, log_level=0))
+        return GrammarMatcher(lambda: llguidance.LLMatcher(self._tokenizer, grammar, log_level=0))
 
     def _compile_uncached(self, fmt: ResponseFormat) -> str:
         if fmt.type == "json_object":
@@ -88,9 +94,16 @@ def _unsupported_message(error: str) -> str:
 class GrammarMatcher:
     """One sequence's position in its grammar; accept, roll back and mask, token by token."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
-        self._matcher = matcher
-        self._check()
+    def __init__(self, build: Callable[[], llguidance.LLMatcher]) -> None:
+        self._build = build
+        self._built: llguidance.LLMatcher | None = None
+
+    @property
+    def _matcher(self) -> llguidance.LLMatcher:
+        if self._built is None:
+            self._built = self._build()
+            self._check()
+        return self._built
 
     @property
     def complete(self) -> bool:
