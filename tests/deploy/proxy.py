@@ -56,11 +56,19 @@ def main_conf(prefix: Path, http_include: Path) -> str:
         "worker_processes 1;\n"
         "events { worker_connections 1024; }\n"
         "http {\n"
-        f"    access_log {prefix / 'access.log'};\n"
+        # Which replicas each request tried: "127.0.0.1:A, 127.0.0.1:B" is a retry on B.
+        "    log_format upstreams '$status $request_method $uri [$upstream_addr] [$upstream_status]';\n"
+        f"    access_log {prefix / 'access.log'} upstreams;\n"
         + "".join(f"    {name}_temp_path {path};\n" for name, path in temp.items())
         + f"    include {http_include};\n"
         "}\n"
     )
+
+
+def access_log(prefix: Path) -> list[str]:
+    """The proxy's access log: `status method uri [upstream addresses] [upstream statuses]` per request."""
+    path = prefix / "access.log"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def write_config(prefix: Path, replica_ports: list[int], listen_port: int) -> Path:
