@@ -61,7 +61,7 @@ def request_body(model: str, tokens: int) -> dict:
 
 @contextlib.contextmanager
 def replica_set(args, count: int) -> Iterator[list[ServerProcess]]:
-    threads = max(1, args.cores // count)
+    threads = args.threads or max(1, args.cores // count)
     server_args = ["--model", args.model, "--max-batch-size", str(args.max_batch_size), "--steering-mode", "off"]
     servers = [ServerProcess(server_args, threads=threads) for _ in range(count)]
     try:
@@ -95,7 +95,7 @@ async def measure_row(setup: str, url: str, model: str, replicas: int, args) -> 
     await closed_loop(url, body, args.clients, 0)  # warm-up: one request per client
     records, wall = await closed_loop(url, body, args.clients, args.duration)
     ttft = [r.ttft_s for r in records]
-    return Row(setup, replicas, max(1, args.cores // replicas), len(records),
+    return Row(setup, replicas, args.threads or max(1, args.cores // replicas), len(records),
                sum(r.completion_tokens for r in records) / wall, median(ttft), percentile(ttft, 90),
                os.getloadavg()[0])
 
@@ -132,12 +132,15 @@ def run(args) -> int:
                     model = served_model(proxy_url)
                     if count == 1:
                         rows.append(asyncio.run(measure_row("direct", servers[0].base, model, 1, args)))
+                        print(rows[-1], file=sys.stderr)
                         ttft = asyncio.run(proxy_ttft(servers[0].base, proxy_url, model, args.ttft_pairs))
+                        print(f"TTFT direct / nginx: {ttft}", file=sys.stderr)
                     rows.append(asyncio.run(measure_row("nginx", proxy_url, model, count, args)))
                     print(rows[-1], file=sys.stderr)
+    threads = f"{args.threads} threads each" if args.threads else f"{args.cores} cores split between replicas"
     print(f"\nmodel {args.model} | {args.clients} streaming clients, closed loop, {args.duration:.0f} s per row, "
           f"{args.tokens} tokens per request (greedy, ignore_eos) | --max-batch-size {args.max_batch_size} per "
-          f"replica, {args.cores} cores split between replicas | {host_info()}\n")
+          f"replica, {threads} | {host_info()}\n")
     print(markdown_table(
         ["setup", "replicas x threads", "requests", "tokens/s", "TTFT p50 (s)", "TTFT p90 (s)", "load avg"],
         [[r.setup, f"{r.replicas} x {r.threads}", r.requests, f"{r.tokens_per_s:.1f}", f"{r.ttft_p50_s:.3f}",
@@ -154,6 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="default", help="default | PATH | ORG/NAME (as fasb-server --model)")
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3], help="replica counts behind nginx")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores to split between replicas")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per replica instead of --cores // replicas (1 on a busy machine)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of closed-loop load per row")
