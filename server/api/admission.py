@@ -19,9 +19,10 @@ from server.errors import PayloadTooLargeError, ServerError
 
 # Paths that answer without a key: probes, scrapers, the API's own description and the playground
 # page (which asks for the key and sends it on its API calls).
-_OPEN_PATHS = frozenset(
-    {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", *_PLAYGROUND_PATHS}
-)
+_OPEN_PATHS = frozenset({
+    "/health", "/health/live", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+    *_PLAYGROUND_PATHS,
+})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # A refused body is read and dropped up to this many bytes; past it the connection is just closed.
 _DISCARD_CAP = 256 * 1024 * 1024

@@ -19,7 +19,7 @@ from server.metrics import Metrics
 log = logging.getLogger("server.api.requests")
 
 # Probes and scrapes would drown the request log.
-_QUIET_PATHS = frozenset({"/health", "/metrics"})
+_QUIET_PATHS = frozenset({"/health", "/health/live", "/metrics"})
 
 
 @dataclass

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def converted_default_model(cache_dir: Path | None = None) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = DEFAULT_MODEL_ID
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    # Unique per process and host: replicas sharing a cache volume are often all PID 1 in their containers.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)

@@ -1,4 +1,5 @@
-"""GET /health and GET /metrics: for probes and scrapers, so no API key and no request log."""
+"""GET /health (readiness), GET /health/live (liveness) and GET /metrics: for probes and scrapers,
+so no API key and no request log."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ async def health(request: Request) -> dict[str, str]:
     if state != "ok":
         raise EngineUnavailableError(f"The decode worker is {state}; the server needs a restart.")
     return {"status": "ok"}
+
+
+@router.get("/health/live")
+async def live(request: Request) -> dict[str, str]:
+    """Liveness: 200 while the process can still serve, loading and draining included (a liveness
+    probe must not restart a server that loads its model or finishes its streams); 503
+    `engine_unhealthy` when the decode worker is dead or stuck, 500 if loading failed."""
+    if request.app.state.engine_failed:
+        raise EngineFailedError()
+    state = request.app.state.engine.health()
+    if state in ("dead", "stalled"):
+        raise EngineUnavailableError(f"The decode worker is {state}; the server needs a restart.")
+    return {"status": state}
 
 
 @router.get("/metrics")
