@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from eval.mc_scoring import ScoredSequence
-from server.steering.bank import steering_strength
+from server.steering.policy import steering_strength
 
 
 @dataclass(frozen=True)

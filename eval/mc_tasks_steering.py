@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from eval.mc_scoring import ScoredSequence
 from eval.mc_steering import Trigger
-from server.steering.bank import steering_strength
+from server.steering.policy import steering_strength
 
 
 def iti_from_prompt_end(seq: ScoredSequence, alpha: float) -> ScoredSequence:
