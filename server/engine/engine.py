@@ -19,6 +19,7 @@ import torch
 
 from server.config import Settings
 from server.engine.batch import Batch
+from server.engine.hf_compat import chat_token_ids
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import TextOutput
 from server.engine.quantize import quantize_weights
@@ -254,10 +255,9 @@ class Engine:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return chat_token_ids(tokenizer, messages)
         except Exception as exc:  # template errors (e.g. role order) are the request's fault
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         loaded = self._require_ready()
