@@ -10,6 +10,10 @@ same on both. What differs:
   compare version numbers, so a model class that is renamed later (or never) is handled too.
 * `apply_chat_template(..., tokenize=True)` returns a `BatchEncoding` by default on 5.x (a list of
   ids on 4.x); `return_dict=False` asks both for the list.
+* What `save_pretrained` writes. A tokenizer saved by 5.x names its class `TokenizersBackend`,
+  which 4.x cannot load, so the converted copy of the default model (loader.py) is kept per major
+  version. The weights and token ids are the same either way (checked: bit-identical safetensors,
+  identical encodings and chat-template ids).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ import functools
 import inspect
 from typing import Any
 
+import transformers
 from transformers import PreTrainedModel
+
+# "" on 4.x, "-tf5" on 5.x: appended to folder names of files saved by transformers.
+SAVED_FILES_TAG = "" if int(transformers.__version__.split(".")[0]) < 5 else "-tf5"
 
 
 @functools.cache
