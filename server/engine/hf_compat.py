@@ -50,4 +50,3 @@ def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The chat template applied with the assistant turn opened, as token ids."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return [int(i) for i in ids]
-
