@@ -4,9 +4,9 @@ Everything else we use (`DynamicCache` with `.layers[i].keys/.values`, `update`,
 `batch_select_indices`; `dtype=` in `from_pretrained`; sdpa attention; `logits_to_keep`) is the
 same on both. What differs:
 
-* The KV cache's name. 5.x renamed the forward argument and the output field `past_key_values` to
-  `cache` (the old name still works in 5.24 with a FutureWarning, and is announced for removal in
-  5.40); 4.x knows only `past_key_values`. We ask the model's own `forward` signature rather than
+* The KV cache's name. A 5.x release after 5.0 renamed the forward argument and the output field
+  `past_key_values` to `cache` (5.24 still takes the old name with a FutureWarning and announces
+  its removal for 5.40); 4.x and 5.0 know only `past_key_values`. We ask the model's own `forward` signature rather than
   compare version numbers, so a model class that is renamed later (or never) is handled too.
 * `apply_chat_template(..., tokenize=True)` returns a `BatchEncoding` by default on 5.x (a list of
   ids on 4.x); `return_dict=False` asks both for the list.
