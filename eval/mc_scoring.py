@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from eval.capture import AllPositionCapture
+from server.engine.hf_compat import cache_kwarg, output_cache
 from server.steering.artifact import SteeringArtifact
 from server.steering.bank import BehaviorBank, head_weights
 from server.steering.layers import attention_output_projections
@@ -76,7 +77,7 @@ class MCScorer:
     def _prefill(self, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with torch.inference_mode(), self.taps.paused():
             ids = torch.tensor([prefix_ids], device=self.model.device)
-            cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(self.model, self.model(input_ids=ids, use_cache=True, logits_to_keep=1))
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _context_kv(self, seq: ScoredSequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,8 +92,9 @@ class MCScorer:
                 with self.taps.paused():
                     ids = torch.tensor([key], device=self.model.device)
                     positions = torch.arange(p, p + len(key), device=self.model.device)[None]
-                    cache = self.model(input_ids=ids, position_ids=positions, past_key_values=cache,
-                                       use_cache=True, logits_to_keep=1).past_key_values
+                    out = self.model(input_ids=ids, position_ids=positions, **cache_kwarg(self.model, cache),
+                                     use_cache=True, logits_to_keep=1)
+                    cache = output_cache(self.model, out)
             # clone: a view would keep the whole prefix alive once per question
             self._contexts[key] = [(c.keys[:, :, p:].clone(), c.values[:, :, p:].clone()) for c in cache.layers]
         return self._contexts[key]
@@ -157,8 +159,8 @@ class MCScorer:
         keep = max(width - first_needed, 1)
         attention = torch.cat([mask_before, seg_mask], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
-        return out.logits, width - keep, out.past_key_values, attention
+                         **cache_kwarg(self.model, cache), use_cache=True, logits_to_keep=keep)
+        return out.logits, width - keep, output_cache(self.model, out), attention
 
     def _answer_logprobs(self, logits, offset, starts, segments, seqs) -> torch.Tensor:
         """[B] sum of log P(next token) over the positions of this segment that predict answer tokens.

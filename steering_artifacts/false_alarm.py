@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from server.engine.hf_compat import chat_token_ids
 from server.steering.artifact import SteeringArtifact
 from server.steering.bank import BehaviorBank, head_weights
 from server.steering.layers import attention_output_projections
@@ -82,9 +83,7 @@ def max_safe_threshold(min_check_scores, max_rate: float = MAX_FALSE_ALARM) -> f
 
 def chat_answer_ids(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids as the engine encodes the chat, answer ids) for the answer appended to it."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           tokenize=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": question}])
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                          tokenize=False) + answer
     full = tokenizer(text, add_special_tokens=False).input_ids

@@ -23,6 +23,7 @@ from server.engine.detokenizer import (
     token_bytes,
     token_text,
 )
+from server.engine.hf_compat import chat_token_ids
 from tests.tiny_model import build_tokenizer
 
 MULTILINGUAL = "Hello café, naïve 日本語 🙂 über 👩‍💻 ñandú — Paris is the capital of France. "
@@ -155,7 +156,7 @@ def test_random_sessions_sentencepiece(sentencepiece_tokenizer, seed, skip_speci
 @pytest.mark.parametrize("skip_special", [True, False])
 @pytest.mark.parametrize("seed", range(3))
 def test_random_sessions_smollm2(smollm2_tokenizer, seed, skip_special):
-    prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    prompt = chat_token_ids(smollm2_tokenizer, [{"role": "user", "content": "Hi"}])
     run_random_session(smollm2_tokenizer, seed, steps=150, skip_special=skip_special, prompt_ids=prompt)
 
 

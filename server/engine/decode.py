@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from server.engine.hf_compat import cache_kwarg, output_cache
 from server.engine.kv_cache import BatchKVCache
 
 
@@ -21,8 +22,8 @@ def decode_step(
         input_ids=input_ids[:, None],
         position_ids=positions[:, None],
         attention_mask=mask,
-        past_key_values=cache.cache if cache.cache is not None else DynamicCache(),
+        **cache_kwarg(model, cache.cache if cache.cache is not None else DynamicCache()),
         use_cache=True,
     )
-    cache.cache = out.past_key_values
+    cache.cache = output_cache(model, out)
     return out.logits[:, -1, :]

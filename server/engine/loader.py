@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from server.engine.hf_compat import SAVED_FILES_TAG
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIAS = "default"
@@ -80,7 +82,8 @@ def embedded_gguf_folder() -> Path:
 
 def converted_default_model(cache_dir: Path | None = None) -> Path:
     """Folder with the default model as safetensors, converting the GGUF file on first use."""
-    target = (cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-{_CACHE_FORMAT}"
+    # One copy per transformers major version: 4.x cannot read the tokenizer files 5.x writes.
+    target = (cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-{_CACHE_FORMAT}{SAVED_FILES_TAG}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     source = embedded_gguf_folder()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from server.engine.hf_compat import cache_kwarg, output_cache
 from server.engine.sequence import Sequence
 
 
@@ -43,14 +44,15 @@ class PrefillGroup:
         """Prefill the next columns, about `max_tokens` tokens in all rows together."""
         start = self.done
         end = min(self.width, start + max(1, max_tokens // len(self.seqs)))
-        self.cache = model(
+        out = model(
             input_ids=self.input_ids[:, start:end],
             position_ids=self.positions[:, start:end],
             attention_mask=self._mask(start, end),
-            past_key_values=self.cache if self.cache is not None else DynamicCache(),
+            **cache_kwarg(model, self.cache if self.cache is not None else DynamicCache()),
             use_cache=True,
             logits_to_keep=1,  # prefill only fills the cache: skip the vocab projection
-        ).past_key_values
+        )
+        self.cache = output_cache(model, out)
         self.done = end
 
     def _mask(self, start: int, end: int) -> torch.Tensor:
