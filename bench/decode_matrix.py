@@ -140,7 +140,8 @@ def print_matrix(rows: list[dict], args) -> None:
                       f"{r['tps']:.1f}", f"{r['tps'] / gen['tps']:.2f}", f"{r['tps'] / hf['tps']:.2f}" if hf else "-",
                       f"{r['ttft_ms']:.0f}", f"{r['rss_mb']:.0f}", f"{r['startup_s']:.0f}", same])
     print()
-    print(f"{host_info()} | model {args.model} on {args.device}, {args.dtype} | {args.tokens} new tokens, greedy, ignore_eos | median of "
+    print(f"{host_info()} | model {args.model} on {args.device}, {args.dtype} | {args.tokens} new tokens, "
+          "greedy, ignore_eos | median of "
           f"{args.runs} rounds (+{args.warmup} warm-up), configurations interleaved | in process, no HTTP")
     print()
     print(markdown_table(["threads", "runner", "batch", "FASB monitor", "decode tok/s", "x generate", "x hf",

@@ -19,6 +19,7 @@ from server.api.app import create_app
 from server.config import Settings
 from server.errors import QueueFullError
 from tests.fake_engine import FakeEngine, plain_script
+from tests.streams import shown_text
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,19 +60,6 @@ def sse_payloads(body: str) -> list[str]:
     events = [event for event in body.split("\n\n") if event]
     assert all(event.startswith("data: ") for event in events), events
     return [event.removeprefix("data: ") for event in events]
-
-
-def shown_text(chunks: list[dict]) -> str:
-    """What a correction-aware client displays: deltas appended, retract_text deleted from the end."""
-    text = ""
-    for chunk in chunks:
-        for choice in chunk["choices"]:
-            steering = choice.get("steering") or {}
-            if steering.get("type") == "retract":
-                assert text.endswith(steering["retract_text"])
-                text = text[: len(text) - len(steering["retract_text"])]
-            text += choice["delta"].get("content") or ""
-    return text
 
 
 def assert_error(response: httpx.Response, status: int, type_: str, param: str | None = None) -> dict:

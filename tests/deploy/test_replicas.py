@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.deploy.proxy import access_log, running_nginx
 from tests.e2e.harness import REPO_ROOT, _stop, _wait_until_healthy, free_port
+from tests.streams import shown_text
 from tests.synthetic_artifact import write_synthetic_artifact
 
 pytestmark = pytest.mark.asyncio
@@ -117,19 +118,6 @@ async def read_stream(http: httpx.AsyncClient, url: str, body: dict) -> Stream:
     return stream
 
 
-def replay(chunks: list[dict]) -> str:
-    """What a correction-aware client shows: deltas appended, each retract_text deleted from the end."""
-    text = ""
-    for chunk in chunks:
-        for choice in chunk["choices"]:
-            retract = choice.get("steering") or {}
-            if retract.get("type") == "retract":
-                assert text.endswith(retract["retract_text"])
-                text = text[: len(text) - len(retract["retract_text"])]
-            text += choice["delta"].get("content") or ""
-    return text
-
-
 def retract_texts(chunks: list[dict]) -> list[str]:
     return [c["choices"][0]["steering"]["retract_text"] for c in chunks
             if c["choices"] and (c["choices"][0].get("steering") or {}).get("type") == "retract"]
@@ -158,7 +146,7 @@ async def test_retractions_replay_to_the_same_text_as_direct(cluster, question):
     assert direct.payloads[-1] == proxied.payloads[-1] == "[DONE]"
     assert retract_texts(direct.chunks), "threshold 1.0 must make the server backtrack"
     assert retract_texts(proxied.chunks) == retract_texts(direct.chunks)
-    assert replay(proxied.chunks) == replay(direct.chunks) != ""
+    assert shown_text(proxied.chunks) == shown_text(direct.chunks) != ""
 
 
 @dataclass

@@ -1,8 +1,10 @@
 from collections.abc import Iterator
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from tests.e2e.harness import ServerProcess, running_server
+from tests.synthetic_artifact import write_synthetic_artifact
 
 
 @pytest.fixture(scope="session")
@@ -10,5 +12,16 @@ def tiny_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     """The real server on the tiny random model, without steering artifacts, shared by a session."""
     log_path = tmp_path_factory.mktemp("server-logs") / "tiny.log"
     args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--max-batch-size", "4"]
+    with running_server(args, log_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def steered_server(tiny_model_dir, tmp_path_factory, request) -> Iterator[ServerProcess]:
+    """The real server on the tiny model with a synthetic steering artifact, one per test module."""
+    folder = tmp_path_factory.mktemp("artifact")
+    write_synthetic_artifact(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder, behavior="synthetic")
+    log_path = tmp_path_factory.mktemp("server-logs") / f"{request.module.__name__.rsplit('.', 1)[-1]}.log"
+    args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--artifact", str(folder)]
     with running_server(args, log_path) as server:
         yield server

@@ -7,30 +7,18 @@ server backtrack at the first check: that exercises retraction on the wire deter
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import pytest_asyncio
-from transformers import AutoModelForCausalLM
 
-from tests.e2e.harness import ServerProcess, running_server
-from tests.synthetic_artifact import write_synthetic_artifact
+from tests.e2e.harness import ServerProcess
+from tests.streams import shown_text
 
 pytestmark = pytest.mark.asyncio
 
 QUESTION = [{"role": "user", "content": "Is the earth flat?"}]
 ALWAYS_BACKTRACK = {"mode": "fasb", "threshold": 1.0, "backtrack_tokens": 4, "max_backtracks": 1}
-
-
-@pytest.fixture(scope="module")
-def steered_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("artifact")
-    write_synthetic_artifact(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder, behavior="synthetic")
-    log_path = tmp_path_factory.mktemp("server-logs") / "steered.log"
-    args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--artifact", str(folder)]
-    with running_server(args, log_path) as server:
-        yield server
 
 
 @pytest_asyncio.fixture
@@ -54,18 +42,6 @@ async def streamed_chunks(http: httpx.AsyncClient, body: dict) -> list[dict]:
 def retractions(chunks: list[dict]) -> list[dict]:
     return [c["choices"][0]["steering"] for c in chunks
             if c["choices"] and c["choices"][0].get("steering", {}).get("type") == "retract"]
-
-
-def shown_text(chunks: list[dict]) -> str:
-    text = ""
-    for chunk in chunks:
-        for choice in chunk["choices"]:
-            retract = choice.get("steering") or {}
-            if retract.get("type") == "retract":
-                assert text.endswith(retract["retract_text"])
-                text = text[: len(text) - len(retract["retract_text"])]
-            text += choice["delta"].get("content") or ""
-    return text
 
 
 async def test_models_lists_the_behavior(http):

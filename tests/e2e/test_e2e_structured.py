@@ -16,11 +16,10 @@ import jsonschema
 import openai
 import pytest
 import pytest_asyncio
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from tests.e2e.harness import ServerProcess, running_server
 from tests.json_schemas import SCHEMAS
-from tests.synthetic_artifact import write_synthetic_artifact
 
 pytestmark = pytest.mark.asyncio
 
@@ -52,16 +51,6 @@ async def answer(sdk: openai.AsyncOpenAI, stream: bool, **params) -> tuple[str, 
         text += choice.delta.content or ""
         finish = choice.finish_reason or finish
     return text, finish, backtracks
-
-
-@pytest.fixture(scope="module")
-def steered_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("artifact")
-    write_synthetic_artifact(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder, behavior="synthetic")
-    log_path = tmp_path_factory.mktemp("server-logs") / "structured.log"
-    args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--artifact", str(folder)]
-    with running_server(args, log_path) as server:
-        yield server
 
 
 @pytest_asyncio.fixture
