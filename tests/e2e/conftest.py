@@ -1,6 +1,9 @@
 from collections.abc import Iterator
 
+import httpx
+import openai
 import pytest
+import pytest_asyncio
 from transformers import AutoModelForCausalLM
 
 from tests.e2e.harness import ServerProcess, running_server
@@ -14,6 +17,19 @@ def tiny_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--max-batch-size", "4"]
     with running_server(args, log_path) as server:
         yield server
+
+
+@pytest_asyncio.fixture
+async def sdk(tiny_server):
+    """The official openai client on `tiny_server` (modules with another server define their own)."""
+    async with openai.AsyncOpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def http(tiny_server):
+    async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=60) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,12 @@ import json
 import httpx
 import openai
 import pytest
-import pytest_asyncio
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.asyncio
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "Hello world! How are"]
 GREEDY = {"max_tokens": 10, "temperature": 0}
-
-
-@pytest_asyncio.fixture
-async def sdk(tiny_server):
-    async with openai.AsyncOpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest_asyncio.fixture
-async def http(tiny_server):
-    async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=60) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,10 @@ import time
 import httpx
 import openai
 import pytest
-import pytest_asyncio
 
 pytestmark = pytest.mark.asyncio
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest_asyncio.fixture
-async def sdk(tiny_server):
-    async with openai.AsyncOpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest_asyncio.fixture
-async def http(tiny_server):
-    async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=60) as client:
-        yield client
 
 
 async def queue_running(http: httpx.AsyncClient) -> float:
