@@ -31,7 +31,7 @@ TORCH_OK := from importlib.metadata import version; v = version("torch"); \
 	t = tuple(int(x) for x in v.split("+")[0].split(".")[:2]); print(v if (2, 4) <= t < (2, 15) else "")
 TORCH_INSTALLED := from importlib.metadata import version; print(version("torch"))
 
-.PHONY: install serve test test-fast bench lint clean distclean
+.PHONY: install serve test test-fast bench bench-deps lint clean distclean
 
 install: $(STAMP)
 
@@ -64,6 +64,10 @@ test-fast: test
 
 bench: install
 	$(PY) bench/bench_decode.py $(BENCH_ARGS)
+
+# llama-cpp-python for the matrix's llama.cpp column; builds from source (see pyproject's bench extra)
+bench-deps: install
+	$(PIP) install -e '.[bench]' "torch==$$($(PY) -c '$(TORCH_INSTALLED)')"
 
 lint: install
 	$(PIP) install -q 'ruff>=0.6'

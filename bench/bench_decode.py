@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matrix-threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--matrix-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--matrix-configs", nargs="+", default=None,
-                   help="subset of generate hf static static+compile static+compile+int8 (generate and hf are "
+                   help="subset of generate hf static static+compile static+compile+int8 static+compile+int4 llama.cpp "
+                        "(generate and hf are "
                         "always run: the ratios need them); default: all the device supports")
     args = p.parse_args(argv)
     if args.runs < 1 or args.tokens < 2:

@@ -2,7 +2,8 @@
 
 For each thread count, one process per configuration (bench/matrix_worker.py with
 OMP_NUM_THREADS): HF `model.generate`, the hf runner, the static runner eager and compiled, and
-compiled with int8 weights (server/engine/quantize.py). They
+compiled with int8 and int4 weights (server/engine/quantize.py), and llama.cpp on the same GGUF file
+(batch 1, monitoring off; the `bench` extra, left out when it is not installed). They
 stay loaded and take turns: every round measures each (batch, monitoring) cell on every
 configuration before the next round, so load from other processes hits all of them alike. Medians
 over `--runs` rounds after `--warmup`.
@@ -10,6 +11,7 @@ over `--runs` rounds after `--warmup`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -22,13 +24,25 @@ from common import ROOT, host_info, markdown_table, write_json
 
 # name -> (runner, compile, quantization)
 CONFIGS = {"generate": ("generate", False, "none"), "hf": ("hf", False, "none"), "static": ("static", False, "none"),
-           "static+compile": ("static", True, "none"), "static+compile+int8": ("static", True, "int8")}
-CUDA_CONFIGS = ["generate", "hf", "static+compile"]  # int8 is CPU-only (server/engine/quantize.py)
+           "static+compile": ("static", True, "none"), "static+compile+int8": ("static", True, "int8"),
+           "static+compile+int4": ("static", True, "int4"), "llama.cpp": ("llama.cpp", False, "none")}
+CUDA_CONFIGS = ["generate", "hf", "static+compile"]  # int8/int4 are CPU-only (server/engine/quantize.py)
+
+
+def _default_configs(args) -> list[str]:
+    if args.device == "cuda":
+        return CUDA_CONFIGS
+    names = list(CONFIGS)
+    if args.model != "default" or importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp left out: it needs the default model and llama-cpp-python (pip install -e '.[bench]')",
+              file=sys.stderr)
+        names.remove("llama.cpp")
+    return names
 
 
 def chosen_configs(args) -> list[tuple[str, bool, str]]:
     """--matrix-configs, else every configuration the device supports; generate always (the baseline)."""
-    names = args.matrix_configs or (CUDA_CONFIGS if args.device == "cuda" else list(CONFIGS))
+    names = args.matrix_configs or _default_configs(args)
     unknown = set(names) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"--matrix-configs: unknown {sorted(unknown)}; known: {list(CONFIGS)}")
@@ -37,7 +51,7 @@ def chosen_configs(args) -> list[tuple[str, bool, str]]:
 
 class Worker:
     def __init__(self, runner: str, compile: bool, quantization: str, threads: int, args):
-        self.name = runner + ("+compile" if compile else "") + ("+int8" if quantization == "int8" else "")
+        self.name = runner + ("+compile" if compile else "") + ("" if quantization == "none" else f"+{quantization}")
         self.runner, self.compile, self.threads = runner, compile, threads
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    PYTHONPATH=str(ROOT))
@@ -82,9 +96,11 @@ def measure_threads(threads: int, args) -> list[dict]:
         for round_ in range(args.warmup + args.runs):
             for batch, monitor in cells:
                 for w in workers:
-                    if w.runner == "generate" and monitor:
-                        continue  # generate has no probes
-                    kind = "generate" if w.runner == "generate" else "engine"
+                    if w.runner in ("generate", "llama.cpp") and monitor:
+                        continue  # no probes there
+                    if w.runner == "llama.cpp" and batch > 1:
+                        continue  # one stream only (bench/matrix_worker.py)
+                    kind = w.runner if w.runner in ("generate", "llama.cpp") else "engine"
                     result = w.ask(kind=kind, batch=batch, monitor=monitor)
                     if round_ >= args.warmup:
                         samples.setdefault((w.name, batch, monitor), []).append(result)
@@ -150,11 +166,13 @@ def print_matrix(rows: list[dict], args) -> None:
     print("decode tok/s: all streams together. x generate / x hf: against model.generate (same batch, threads) / "
           "the hf runner (same batch, threads, monitoring). start s: load (+ compile) time.")
     for threads in args.matrix_threads:
-        int8 = _find(rows, threads, "static+compile+int8", 1, True)
-        gen1_ = _find(rows, threads, "generate", 1)
-        if int8 and gen1_:
-            print(f"[{threads} threads] static+compile+int8 single stream, monitoring on / generate fp32: "
-                  f"{int8['tps'] / gen1_['tps']:.2f}")
+        gen1_, llama = _find(rows, threads, "generate", 1), _find(rows, threads, "llama.cpp", 1)
+        for quantized in ("static+compile+int8", "static+compile+int4"):
+            row = _find(rows, threads, quantized, 1, True)
+            if row and gen1_:
+                versus_llama = f"; / llama.cpp: {row['tps'] / llama['tps']:.2f} (bar >= 0.6)" if llama else ""
+                print(f"[{threads} threads] {quantized} single stream, monitoring on / generate fp32: "
+                      f"{row['tps'] / gen1_['tps']:.2f}{versus_llama}")
         single = _find(rows, threads, "static+compile", 1)
         gen1 = _find(rows, threads, "generate", 1)
         wide, hf8 = _find(rows, threads, "static+compile", 8), _find(rows, threads, "hf", 8)

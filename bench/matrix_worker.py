@@ -9,6 +9,11 @@ with one JSON line:
 
     {"kind": "engine", "batch": 8, "monitor": true}  -> {"ttft_ms", "tps", "tokens", "rss_mb"}
     {"kind": "generate", "batch": 1}                   -> the same, for HF model.generate
+    {"kind": "llama.cpp", "batch": 1}                  -> the same, for llama.cpp on the GGUF file
+
+`--runner llama.cpp` runs llama-cpp-python (the `bench` extra) on the default model's own GGUF file
+(the one the server converts its weights from), greedy, with `OMP_NUM_THREADS` threads; one
+stream only (its Python API decodes one sequence).
 
 `batch` requests with the same prompt are submitted together, greedy, `ignore_eos`, `--tokens`
 new tokens each. TTFT: submit -> a request's first text (median over the batch). tok/s: all
@@ -83,6 +88,41 @@ def generate_round(loaded, ids: list[int], batch: int, tokens: int) -> dict:
             "tokens": out[0, len(ids):].tolist()}
 
 
+def llama_cpp_round(llm, ids: list[int], tokens: int) -> dict:
+    times, got = [], []
+    start = time.perf_counter()
+    # generate() yields greedy tokens (top_k=1) without stopping at EOS: the caller stops it
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        times.append(time.perf_counter())
+        got.append(token)
+        if len(got) == tokens:
+            break
+    return {"ttft_ms": 1000 * (times[0] - start), "tps": (len(times) - 1) / (times[-1] - times[0]), "tokens": got}
+
+
+def load_llama_cpp(model: str):
+    """llama.cpp on the default model's shipped GGUF file."""
+    import os
+
+    from llama_cpp import Llama
+
+    from server.engine.loader import DEFAULT_GGUF_FILE, embedded_gguf_folder
+
+    if model != "default":
+        raise SystemExit("--runner llama.cpp measures the default model's GGUF file only")
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    return Llama(model_path=str(embedded_gguf_folder() / DEFAULT_GGUF_FILE), n_ctx=2048, n_threads=threads,
+                 n_threads_batch=threads, verbose=False)
+
+
+def default_tokenizer():
+    from transformers import AutoTokenizer
+
+    from server.engine.loader import converted_default_model
+
+    return AutoTokenizer.from_pretrained(converted_default_model())
+
+
 def main() -> None:
     # stdout carries the protocol only: anything else printed (libraries, compilers) goes to stderr.
     protocol, sys.stdout = sys.stdout, sys.stderr
@@ -104,6 +144,16 @@ def main() -> None:
     from server.engine.loader import load_model
 
     start = time.perf_counter()
+    if args.runner == "llama.cpp":
+        llm = load_llama_cpp(args.model)
+        ids = chat_prompt_ids(default_tokenizer(), LONG_STORY_PROMPT)  # the same ids as the other configurations
+        reply(protocol, {"ready": True, "startup_s": time.perf_counter() - start, "rss_mb": peak_rss_mb()})
+        for line in sys.stdin:
+            command = json.loads(line)
+            if command["kind"] == "quit":
+                break
+            reply(protocol, llama_cpp_round(llm, ids, args.tokens) | {"rss_mb": peak_rss_mb()})
+        return
     if args.runner == "generate":
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
         ids = chat_prompt_ids(loaded.tokenizer, LONG_STORY_PROMPT)

@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quantization", choices=("none", "int8"), default="none",
+    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
                    help="weights as the server's --quantization (quality of a quantized model)")
     p.add_argument("--out", help="JSON path (default eval/results/<name>.json)")
 

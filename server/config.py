@@ -24,8 +24,9 @@ class Settings(BaseSettings):
         "slot cache, one compiled step; its cache is max-batch-size x max-model-len positions)"
     )
     compile: bool = Field(True, description="static runner: compile the decode step with torch.compile at start")
-    quantization: Literal["none", "int8"] = Field(
-        "none", description="int8: weight-only int8 linear layers (CPU; not o_proj, which steering reads)"
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="int8 | int4: weight-only quantized linear layers (CPU; not o_proj, which steering "
+        "reads); int4 is Q4_1's layout (groups of 32), the default model's own"
     )
 
     # http

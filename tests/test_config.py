@@ -27,8 +27,8 @@ def test_bad_values_are_a_usage_error_naming_each_flag(capsys):
 def test_runner_compile_and_quantization_flags(monkeypatch):
     defaults = parse_args([])
     assert (defaults.runner, defaults.compile, defaults.quantization) == ("hf", True, "none")
-    settings = parse_args(["--runner", "static", "--no-compile", "--quantization", "int8"])
-    assert (settings.runner, settings.compile, settings.quantization) == ("static", False, "int8")
+    settings = parse_args(["--runner", "static", "--no-compile", "--quantization", "int4"])
+    assert (settings.runner, settings.compile, settings.quantization) == ("static", False, "int4")
     monkeypatch.setenv("FASB_COMPILE", "false")
     assert parse_args([]).compile is False
     assert parse_args(["--compile"]).compile is True

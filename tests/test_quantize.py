@@ -1,5 +1,6 @@
-"""Weight-only int8 (--quantization int8): close to the fp32 layer, o_proj untouched (steering and
-artifact fingerprints read it), and both runners decode the quantized model alike."""
+"""Weight-only int8 and int4 (--quantization int8|int4): close to the fp32 layer (int4: exact on
+Q4_1-shaped weights), o_proj's fp32 weights still there for steering and artifact fingerprints,
+decode-step and prefill paths agree, and both runners decode the quantized model alike (steered)."""
 
 import asyncio
 
@@ -10,7 +11,7 @@ from torch import nn
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loader import load_model
-from server.engine.quantize import Int8Linear, quantize_weights
+from server.engine.quantize import Int4Linear, Int8Linear, quantize_weights
 from server.engine.types import SteeringParams
 from server.steering.artifact import model_fingerprint
 from tests.engine_helpers import collect
@@ -28,23 +29,69 @@ def test_int8_linear_is_close_to_the_fp32_layer():
     assert (got - expected).norm() / expected.norm() < 0.02  # int8 weights, bf16 activations
 
 
-def test_quantize_keeps_o_proj_and_the_artifact_fingerprint(tiny_model_dir):
+def test_int4_linear_is_close_to_the_fp32_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=True)
+    x = torch.randn(5, 3, 256)
+    expected, got = linear(x), Int4Linear(linear)(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    # 16 levels per group of 32 Gaussian weights: ~8% weight error, far less after summing 256 terms
+    assert (got - expected).norm() / expected.norm() < 0.12
+
+
+def test_int4_gives_back_q4_1_weights_exactly():
+    """Weights that are Q4_1 blocks (w = d * q + m, q in 0..15 per group of 32), as the default model's
+    are, come back unchanged: int4 is their own layout, unlike int8's per-channel scales."""
+    torch.manual_seed(0)
+    n, k = 48, 128
+    codes = torch.randint(0, 16, (n, k // 32, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans its full range, as a Q4_1 quantizer makes it
+    d = 2.0 ** -torch.randint(4, 8, (n, k // 32, 1)).float()  # bf16-exact scales and offsets
+    m = -d * torch.randint(0, 16, (n, k // 32, 1)).float()
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_((codes * d + m).reshape(n, k))
+    quantized = Int4Linear(linear)
+    assert torch.equal(quantized.dequantized().float(), linear.weight)
+    assert (Int8Linear(linear).dequantized().float() - linear.weight).abs().max() > 0  # int8 rounds them
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_decode_kernel_and_prefill_gemm_agree(cls):
+    """Few rows run the packed kernel, many the dequantized GEMM: the same weights either way."""
+    torch.manual_seed(0)
+    layer = cls(nn.Linear(128, 64, bias=True))
+    x = torch.randn(cls.kernel_max_rows + 8, 128)
+    many = layer(x)
+    few = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+    assert torch.allclose(many, few, atol=0.05, rtol=0.02)  # bf16 activations, different accumulation
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_keeps_o_proj_and_the_artifact_fingerprint(tiny_model_dir, method):
     model = load_model(str(tiny_model_dir)).model
     before = model_fingerprint(model, [0, 1])
-    quantize_weights(model, "int8")
+    original_o_proj = model.model.layers[0].self_attn.o_proj
+    quantize_weights(model, method)
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
-    assert isinstance(model.lm_head, Int8Linear)
-    assert type(layer.self_attn.o_proj) is nn.Linear
+    cls = Int4Linear if method == "int4" else Int8Linear
+    assert isinstance(layer.self_attn.q_proj, cls) and isinstance(layer.mlp.down_proj, cls)
+    assert isinstance(model.lm_head, Int8Linear)  # int8 under both (server/engine/quantize.py)
+    if method == "int8":
+        assert type(layer.self_attn.o_proj) is nn.Linear
+    else:  # runs in int4, keeps the fp32 weight that fingerprints and steering vectors read
+        assert isinstance(layer.self_attn.o_proj, Int4Linear)
+        assert layer.self_attn.o_proj.weight is original_o_proj.weight
     assert model_fingerprint(model, [0, 1]) == before
 
 
-async def test_both_runners_decode_the_int8_model_alike(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["int8", "int4"])
+async def test_both_runners_decode_the_quantized_model_alike(tiny_model_dir, tmp_path, method):
     artifact = write_synthetic_artifact(load_model(str(tiny_model_dir)).model, tmp_path, heads=4, seed=1)
     results = {}
     for runner in ("hf", "static"):
         engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(artifact)], runner=runner, compile=False,
-                                 quantization="int8", max_batch_size=4))
+                                 quantization=method, max_batch_size=4))
         await engine.start()
         try:
             jobs = []

@@ -1,16 +1,29 @@
-"""Weight-only int8 quantization of a loaded model's linear layers (`--quantization int8`, CPU).
+"""Weight-only quantization of a loaded model's linear layers (`--quantization int8|int4`, CPU).
 
-Why this form: decoding one token reads every weight once, so on CPU a small model's step is
-bound by memory traffic, and int8 weights are a quarter of fp32's bytes. torch's int8 weight-only
-kernel (`aten._weight_int8pack_mm`) is slow with fp32 activations here, but fast with bf16 ones,
+Why weight-only: decoding one token reads every weight once, so on CPU a small model's step is
+bound by memory traffic. int8 weights are a quarter of fp32's bytes, int4 about a sixth (with
+their group scales). torch's packed kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`) are slow with fp32 activations here but fast with bf16 ones,
 which use the CPU's bf16 dot-product instructions; so each quantized matmul runs on bf16
 activations and its output returns to the model's dtype. Measured numbers: bench/README.md.
 
-What is quantized: every decoder layer's q/k/v projections and MLP, and the LM head. Not the
-attention output projection (`o_proj`): its weights are what the steering vectors are computed
-from and what artifacts fingerprint (server/steering/artifact.py), and the probes read its input,
-so steering and monitoring see exactly the fp32 model's math there. Embeddings stay as they are
-(a lookup reads one row).
+* int8: symmetric, one scale per output channel.
+* int4: asymmetric, one scale and offset per group of 32 input weights. This is the layout of
+  GGUF's Q4_1, which the default model ships in (its fp32 weights are dequantized Q4_1 blocks:
+  server/engine/loader.py), so int4 gives back the shipped weights up to bf16 rounding of the
+  group scales — closer to the fp32 model than int8's per-channel scales.
+
+What is quantized: every decoder layer's q/k/v projections and MLP, and the LM head (int8 under
+both methods, see `quantize_weights`). The attention output projection (`o_proj`) is special: its
+fp32 weights are what the steering vectors are computed from and what artifacts fingerprint
+(server/steering/artifact.py), and the probes read its input. int8 leaves it alone; int4 runs its
+matmul in int4 too but keeps its fp32 `weight` beside the codes for those two readers (40 MiB on
+the default model, read at load only), so artifacts still match and steering vectors are the
+fp32 model's. Embeddings stay as they are (a lookup reads one row).
+
+The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
+prompt's hundreds. Above a row count measured per kernel, a layer dequantizes its weights to bf16
+and runs a GEMM (once per prefill call and layer, never per decode step).
 """
 
 from __future__ import annotations
@@ -25,61 +38,144 @@ from server.steering.layers import decoder_layers
 
 log = logging.getLogger(__name__)
 
-# Rows up to which the packed int8 kernel is used (decode steps: one row per running request).
-# Measured for a 576x1536 layer, 1 thread (best of 5): packed 0.07 / 0.46 / 0.84 / 1.98 ms at
-# 1 / 8 / 16 / 32 rows, dequantize + bf16 GEMM ~1.3-1.5 ms up to 32 rows and 1.9 ms at 256
-# (packed: 10.6 ms) on this CPU's bf16 matrix instructions; the crossover is near 24 rows.
-_PACKED_MAX_ROWS = 16
+METHODS = ("none", "int8", "int4")
 
 _LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
                   "mlp.down_proj")
+_O_PROJ = "self_attn.o_proj"
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + b, q int8 per output channel (symmetric), the matmul on bf16 activations."""
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T + b with W stored quantized; the matmul on bf16 activations."""
+
+    kernel_max_rows: int  # up to this many rows the packed kernel runs; above, dequantize + GEMM
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()  # [N, K]
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
-        self.register_buffer("qweight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.shape[0] <= _PACKED_MAX_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
-        else:  # prefill: the packed kernel is a matrix-vector one; a bf16 GEMM is ~5x faster at 256 rows
-            out = F.linear(flat, self.qweight.to(torch.bfloat16) * self.scale[:, None])
+        if flat.shape[0] <= self.kernel_max_rows:
+            out = self.packed_matmul(flat)
+        else:
+            out = F.linear(flat, self.dequantized())
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-def _replace(root: nn.Module, path: str) -> None:
+    def dequantized(self) -> torch.Tensor:
+        """The weight [N, K] in bf16."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, symmetric, one scale per output channel."""
+
+    # Measured for a 576x1536 layer, 1 thread (best of 5): packed 0.07 / 0.46 / 0.84 / 1.98 ms at
+    # 1 / 8 / 16 / 32 rows, dequantize + bf16 GEMM ~1.3-1.5 ms up to 32 rows and 1.9 ms at 256
+    # (packed: 10.6 ms); the crossover is near 24 rows.
+    kernel_max_rows = 16
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach().float()  # [N, K]
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
+        self.register_buffer("qweight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(torch.bfloat16) * self.scale[:, None]
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weights, asymmetric, one bf16 scale and offset per group of `GROUP` input weights.
+
+    w = (q - 8) * scale + zero with q in 0..15 (the packed kernel's convention). The codes are
+    chosen against the bf16-rounded scale and offset, so rounding them costs no extra error.
+    """
+
+    GROUP = 32
+    # Measured for a 1536x576 layer, 1 thread: packed 0.07 / 0.26 / 0.46 / 1.7 ms at 1 / 8 / 16 /
+    # 64 rows; unpacking the codes + bf16 GEMM ~1.9-2.0 ms at 16-64 rows: the crossover is near 64.
+    kernel_max_rows = 64
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
+        super().__init__(linear)
+        if keep_weight:  # for readers of `.weight` (o_proj: fingerprints, steering vectors); never in forward
+            self.weight = linear.weight
+        n, k = self.out_features, self.in_features
+        groups = linear.weight.detach().float().reshape(n, k // self.GROUP, self.GROUP)
+        low, high = groups.amin(dim=2), groups.amax(dim=2)  # [N, K/G]
+        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16)
+        zero = (low + 8 * scale.float()).to(torch.bfloat16)
+        codes = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
+        codes = codes.to(torch.uint8).reshape(n, k)
+        # The kernel's own layout for decode steps, and the codes two per byte for dequantizing.
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        self.register_buffer("packed", packed)
+        self.register_buffer("nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4))  # [N, K/2]
+        scale_zero = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # [K/G, N, 2]
+        self.register_buffer("scale_zero", scale_zero)
+
+    @staticmethod
+    def supports(linear: nn.Linear) -> bool:
+        return linear.in_features % Int4Linear.GROUP == 0 and linear.out_features % 16 == 0
+
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
+
+    def dequantized(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        codes = torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=2).reshape(n, k // self.GROUP, self.GROUP)
+        scale, zero = self.scale_zero.transpose(0, 1).unbind(dim=2)  # [N, K/G] each
+        return ((codes.to(torch.bfloat16) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def _quantized(linear: nn.Module, method: str) -> nn.Module:
+    if not isinstance(linear, nn.Linear):
+        return linear
+    if method == "int4" and Int4Linear.supports(linear):
+        return Int4Linear(linear)
+    return Int8Linear(linear)  # int8, or a shape the int4 kernel cannot take
+
+
+def _replace(root: nn.Module, path: str, method: str) -> None:
+    _replace_at(root, path, _quantized(root.get_submodule(path), method))
+
+
+def _replace_at(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    linear = getattr(parent, name)
-    if isinstance(linear, nn.Linear):
-        setattr(parent, name, Int8Linear(linear))
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
 def quantize_weights(model: nn.Module, method: str) -> None:
     """Quantize `model` in place; "none" leaves it as it is."""
     if method == "none":
         return
-    if method != "int8":
-        raise ValueError(f"unknown quantization {method!r} (none or int8)")
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r} ({', '.join(METHODS)})")
     if model.device.type != "cpu":
-        raise ValueError("--quantization int8 is implemented for CPU only; on CUDA use --dtype bfloat16")
+        raise ValueError(f"--quantization {method} is implemented for CPU only; on CUDA use --dtype bfloat16")
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     for layer in decoder_layers(model):
         for path in _LAYER_LINEARS:
-            _replace(layer, path)
+            _replace(layer, path, method)
+        o_proj = layer.get_submodule(_O_PROJ)
+        if method == "int4" and isinstance(o_proj, nn.Linear) and Int4Linear.supports(o_proj):
+            _replace_at(layer, _O_PROJ, Int4Linear(o_proj, keep_weight=True))
     if isinstance(model.get_output_embeddings(), nn.Linear):
-        # A tied LM head gets its own int8 copy; the embedding keeps the original for lookups.
+        # A tied LM head gets its own quantized copy; the embedding keeps the original for lookups.
+        # int8 even under int4: the head decides the next token among 49k and int4 moves it too
+        # much (teacher-forced KL to fp32 on the default model: int4 head 0.047, int8 head 0.0022;
+        # the default model ships its embedding/head as Q8_0, groups of 32 int8).
         model.set_output_embeddings(Int8Linear(model.get_output_embeddings()))
     after = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    log.info("int8 weights: %.0f MiB -> %.0f MiB resident in the model", before / 2**20, after / 2**20)
+    log.info("%s weights: %.0f MiB -> %.0f MiB resident in the model", method, before / 2**20, after / 2**20)

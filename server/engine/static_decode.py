@@ -64,8 +64,8 @@ def decode_layer(layer: nn.Module, rope: Callable, k_cache: torch.Tensor, v_cach
     q = q.reshape(S, kv_heads, heads // kv_heads, D)  # [S, KVH, G, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
     head_acts = out.reshape(S, heads * D)  # head h = kv * G + g, as o_proj expects
-    # F.linear, not attn.o_proj(...): o_proj's tap hooks belong to the hf runner
-    x = x + (F.linear(head_acts, attn.o_proj.weight, attn.o_proj.bias) + steer)[:, None, :]
+    # .forward, not attn.o_proj(...): o_proj's tap hooks belong to the hf runner
+    x = x + (attn.o_proj.forward(head_acts) + steer)[:, None, :]
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, head_acts
 
