@@ -14,12 +14,12 @@ activations and its output returns to the model's dtype. Measured numbers: bench
   group scales — closer to the fp32 model than int8's per-channel scales.
 
 What is quantized: every decoder layer's q/k/v projections and MLP, and the LM head (int8 under
-both methods, see `quantize_weights`). The attention output projection (`o_proj`) is special: its
-fp32 weights are what the steering vectors are computed from and what artifacts fingerprint
-(server/steering/artifact.py), and the probes read its input. int8 leaves it alone; int4 runs its
-matmul in int4 too but keeps its fp32 `weight` beside the codes for those two readers (40 MiB on
-the default model, read at load only), so artifacts still match and steering vectors are the
-fp32 model's. Embeddings stay as they are (a lookup reads one row).
+both methods, see `quantize_weights`). Not the attention output projection (`o_proj`): its weights
+are what the steering vectors are computed from and what artifacts fingerprint
+(server/steering/artifact.py), and the probes read its input, so steering and monitoring see
+exactly the fp32 model's math there. (Measured: o_proj in int4 too makes the int4 step ~15% faster
+but moves FASB's TruthfulQA MC1 by -0.012 against fp32, past the 0.01 we hold quantization to;
+bench/README.md.) Embeddings stay as they are (a lookup reads one row).
 
 The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
 prompt's hundreds. Above a row count measured per kernel, a layer dequantizes its weights to bf16
@@ -42,7 +42,6 @@ METHODS = ("none", "int8", "int4")
 
 _LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
                   "mlp.down_proj")
-_O_PROJ = "self_attn.o_proj"
 
 
 class QuantizedLinear(nn.Module):
@@ -107,10 +106,8 @@ class Int4Linear(QuantizedLinear):
     # 64 rows; unpacking the codes + bf16 GEMM ~1.9-2.0 ms at 16-64 rows: the crossover is near 64.
     kernel_max_rows = 64
 
-    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
+    def __init__(self, linear: nn.Linear):
         super().__init__(linear)
-        if keep_weight:  # for readers of `.weight` (o_proj: fingerprints, steering vectors); never in forward
-            self.weight = linear.weight
         n, k = self.out_features, self.in_features
         groups = linear.weight.detach().float().reshape(n, k // self.GROUP, self.GROUP)
         low, high = groups.amin(dim=2), groups.amax(dim=2)  # [N, K/G]
@@ -148,12 +145,9 @@ def _quantized(linear: nn.Module, method: str) -> nn.Module:
 
 
 def _replace(root: nn.Module, path: str, method: str) -> None:
-    _replace_at(root, path, _quantized(root.get_submodule(path), method))
-
-
-def _replace_at(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, _quantized(getattr(parent, name), method))
 
 
 def quantize_weights(model: nn.Module, method: str) -> None:
@@ -168,9 +162,6 @@ def quantize_weights(model: nn.Module, method: str) -> None:
     for layer in decoder_layers(model):
         for path in _LAYER_LINEARS:
             _replace(layer, path, method)
-        o_proj = layer.get_submodule(_O_PROJ)
-        if method == "int4" and isinstance(o_proj, nn.Linear) and Int4Linear.supports(o_proj):
-            _replace_at(layer, _O_PROJ, Int4Linear(o_proj, keep_weight=True))
     if isinstance(model.get_output_embeddings(), nn.Linear):
         # A tied LM head gets its own quantized copy; the embedding keeps the original for lookups.
         # int8 even under int4: the head decides the next token among 49k and int4 moves it too
