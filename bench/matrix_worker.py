@@ -111,8 +111,11 @@ def load_llama_cpp(model: str):
     if model != "default":
         raise SystemExit("--runner llama.cpp measures the default model's GGUF file only")
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    # n_batch=1: the prompt goes in one token at a time, so llama.cpp's TTFT here is not its best. Its
+    # batched path SIGILLs on this project's CPU, which reports AMX that the VM does not let it use;
+    # single-token steps (all of decoding, which is what the matrix compares) never take that path.
     return Llama(model_path=str(embedded_gguf_folder() / DEFAULT_GGUF_FILE), n_ctx=2048, n_threads=threads,
-                 n_threads_batch=threads, verbose=False)
+                 n_threads_batch=threads, n_batch=1, n_ubatch=1, verbose=False)
 
 
 def default_tokenizer():
