@@ -71,7 +71,7 @@ def start_server(args: argparse.Namespace) -> ServerProcess:
     """`python -m server` with this bench's flags: one stream at a time, no batching."""
     server_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
                    "--steering-mode", args.steering_mode, "--max-batch-size", "1", "--runner", args.runner,
-                   "--compile" if args.compile else "--no-compile"]
+                   "--compile" if args.compile else "--no-compile", "--quantization", args.quantization]
     if args.max_model_len:
         server_args += ["--max-model-len", str(args.max_model_len)]
     if args.cache_dir:
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", default=None, help="also write all numbers to this JSON file")
     p.add_argument("--runner", default="hf", choices=["hf", "static"], help="the server's --runner")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="the server's --compile")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="the server's --quantization (generate stays fp32)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the server's --max-model-len (sizes the static runner's cache); --matrix default 2048")
     p.add_argument("--matrix", action="store_true", help="the runner x compile x batch x threads table (see above)")

@@ -183,8 +183,8 @@ class Engine:
         if self._worker is None or not self._worker.is_alive():
             return "dead"
         stats = self._queue.stats()
-        idle_for = time.monotonic() - self._scheduler.heartbeat
-        if (stats["waiting"] or stats["running"]) and idle_for > self.settings.worker_stall_timeout:
+        stalled_for = self._scheduler.stalled_for(time.monotonic())
+        if (stats["waiting"] or stats["running"]) and stalled_for > self.settings.worker_stall_timeout:
             return "stalled"
         return "draining" if self._draining else "ok"
 

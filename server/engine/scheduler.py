@@ -112,6 +112,7 @@ class Scheduler:
         self._on_step = on_step or (lambda: None)
         self._on_retired = on_retired or (lambda seq: None)  # each sequence that left the batch
         self.heartbeat = time.monotonic()  # when the worker last started or ended an iteration
+        self.waiting_for_work = False  # blocked in queue.take with nothing to run: idle, not stuck
         self._aborts: deque[ServerError] = deque()  # from other threads (deque ops are atomic): fail all with it
 
     def run(self) -> None:
@@ -122,6 +123,12 @@ class Scheduler:
                 except Exception:  # a bug must fail the requests it hit, not kill the worker
                     log.exception("decode step failed; failing the running requests")
                     self._fail_running()
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds without progress; 0 while blocked waiting for work. A request that has just been
+        queued wakes the worker, but until the thread runs the heartbeat is as old as the idle spell:
+        without this, a burst arriving after a long idle spell would read as a stalled worker."""
+        return 0.0 if self.waiting_for_work else now - self.heartbeat
 
     def abort(self, error: ServerError) -> None:
         """Fail every running and waiting request with `error` (thread-safe; used at shutdown)."""
@@ -134,7 +141,9 @@ class Scheduler:
             self.fail_outstanding(self._aborts.popleft())
         if self._group is None:
             idle = not self.batch.rows
+            self.waiting_for_work = idle
             newcomers = self.queue.take(self.max_batch_size - len(self.batch), block=idle)
+            self.waiting_for_work = False
             self.heartbeat = time.monotonic()  # waiting for work is not being stuck
             if newcomers:
                 self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id)

@@ -103,8 +103,24 @@ async def test_a_worker_that_dies_fails_its_requests_and_health(engine):
 async def test_stalled_worker_is_reported(engine, monkeypatch):
     monkeypatch.setattr(engine.settings, "worker_stall_timeout", 0.2)
     monkeypatch.setattr(engine._queue, "stats", lambda: {"waiting": 1, "running": 0})
+    engine._scheduler.waiting_for_work = False  # as if stuck inside a step
     engine._scheduler.heartbeat = time.monotonic() - 1
     assert engine.health() == "stalled"
+
+
+async def test_a_burst_after_a_long_idle_spell_is_not_a_stall(engine, monkeypatch):
+    """Regression: the worker's heartbeat is as old as the idle spell until its thread wakes, so the
+    second of two requests submitted in one go after an idle spell longer than the stall timeout
+    was refused as 'stalled'."""
+    monkeypatch.setattr(engine.settings, "worker_stall_timeout", 0.2)
+    ids = chat(engine, "Hi")
+    await asyncio.sleep(0.5)  # idle, longer than the stall timeout
+    streams = [engine.submit(GenerationRequest(f"burst{i}", ids, SamplingParams(max_tokens=2)))
+               for i in range(8)]  # back to back in one event-loop turn: the worker has not run yet
+    for stream in streams:
+        async for _ in stream:
+            pass
+    assert engine.health() == "ok"
 
 
 async def test_deadline_ends_a_request_with_finish_reason_length(long_model_dir):
