@@ -105,3 +105,18 @@ def test_build_mixes_labelled_own_answers_into_training_only(tiny_model_dir, tmp
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
     assert "on-policy answers: reusing" in caplog.text
+
+
+def test_gen_answers_split_into_judged_true_and_the_rest(tmp_path):
+    from eval.false_alarm import judged_pairs
+
+    def record(question, answer, truthful, uninformative=False):
+        return {"question": question, "answer": answer, "truthful": truthful, "uninformative": uninformative}
+
+    rows = {"baseline": [record("a?", "Yes.", True), record("b?", "No.", False),
+                         record("c?", "No comment.", True, True), record("d?", " ", False)],
+            "FASB": [record("a?", "Maybe.", False)]}
+    path = tmp_path / "gen.json"
+    path.write_text(json.dumps({"answers": rows}))
+    assert judged_pairs(path) == ([("a?", "Yes.")], [("b?", "No."), ("c?", "No comment.")])
+    assert judged_pairs(path, "FASB") == ([], [("a?", "Maybe.")])
