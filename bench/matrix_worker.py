@@ -90,6 +90,7 @@ def generate_round(loaded, ids: list[int], batch: int, tokens: int) -> dict:
 
 def llama_cpp_round(llm, ids: list[int], tokens: int) -> dict:
     times, got = [], []
+    llm.reset()  # else generate() reuses the previous round's prompt from its cache (TTFT of ~0)
     start = time.perf_counter()
     # generate() yields greedy tokens (top_k=1) without stopping at EOS: the caller stops it
     for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):

@@ -22,7 +22,7 @@ from server.engine.kv_cache import _layers_kv
 from server.engine.prefill import PrefillGroup
 from server.engine.sequence import Sequence
 from server.engine.static_cache import StaticKVCache
-from server.engine.static_decode import StaticDecoder, decode_layer
+from server.engine.static_decode import StaticDecoder, decode_layers
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,17 @@ class StaticRunner:
     def _compile(self) -> None:
         """Compile, then run every batch bucket once now, not on the first requests.
 
-        CPU: one decoder layer's step is compiled (inductor) and serves every layer, since all have
-        the same shapes: the compile costs one layer, not the whole model (~50 s instead of ~9 min
-        for SmolLM2-135M on 2 busy cores), at the price of a guard check per layer call. CUDA: the
+        CPU: the step of LAYERS_PER_GRAPH consecutive layers is compiled (inductor) and serves every
+        such group, since all have the same shapes: the compile costs a few layers, not the whole
+        model (SmolLM2-135M: ~40 s at 1 thread with inductor's kernel cache warm, against minutes for
+        the whole step), at the price of a guard check per group call (static_decode.py). CUDA: the
         whole step is compiled with CUDA graphs (mode="reduce-overhead"), so a step is one graph
         launch; the cache buffers are module buffers, which CUDA graphs treat as fixed addresses.
         """
         if self.model.device.type == "cuda":
             self._step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
         else:
-            self.decoder.layer_step = torch.compile(decode_layer, fullgraph=True)
+            self.decoder.layers_step = torch.compile(decode_layers, fullgraph=True)
         self._warm_up()
 
     @torch.inference_mode()  # as the scheduler runs it: grad mode is part of the compiled graph's guards
