@@ -14,6 +14,7 @@ from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.prefill import PrefillGroup
 from server.engine.runner import HFRunner
+from server.engine.static_decode import layer_groups
 from server.engine.static_runner import StaticRunner, batch_buckets
 from server.engine.types import SteeringParams
 from server.steering.layers import attention_output_projections
@@ -104,9 +105,15 @@ def test_batch_buckets():
     assert batch_buckets(6) == [1, 2, 4, 6]
 
 
-def _family_model(kind):
-    common = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-                  num_key_value_heads=2, max_position_embeddings=128)
+def test_layer_groups():
+    assert [list(g) for g in layer_groups(7, 5)] == [[0, 1, 2, 3, 4], [5, 6]]
+    assert [list(g) for g in layer_groups(30)] == [list(range(i, i + 5)) for i in range(0, 30, 5)]
+    assert [list(g) for g in layer_groups(2)] == [[0, 1]]
+
+
+def _family_model(kind, num_layers=2):
+    common = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     if kind == "qwen2":  # q/k/v projections carry biases
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
@@ -135,17 +142,19 @@ def test_llama_family_step_matches_transformers(kind):
 
 
 @torch.inference_mode()
-def test_inline_steering_and_capture_equal_the_hooks(tiny):
-    layers = [0, 1]
-    taps = HeadTaps(attention_output_projections(tiny), layers).install()
+@pytest.mark.parametrize("num_layers", [2, 7])  # 7: two layer groups, 5 + 2 (static_decode.layer_groups)
+def test_inline_steering_and_capture_equal_the_hooks(tiny, num_layers):
+    model = tiny if num_layers == 2 else _family_model("llama", num_layers=num_layers)
+    layers = [0, 1] if num_layers == 2 else [1, 4, 5, 6]  # taps in both groups
+    taps = HeadTaps(attention_output_projections(model), layers).install()
     try:
-        hf, static = HFRunner(tiny, taps), StaticRunner(tiny, taps, max_rows=2, max_len=64, compile=False)
+        hf, static = HFRunner(model, taps), StaticRunner(model, taps, max_rows=2, max_len=64, compile=False)
         prompts = [[5, 9, 12, 7, 30], [8, 3]]
         steer = torch.randn(2, len(layers), tiny.config.hidden_size)  # [B, taps, hidden]
         steer[1] = 0  # row 1 unsteered
         results = []
         for runner in (hf, static):
-            join(tiny, runner, prompts)  # prefill unsteered, as the scheduler does (taps paused)
+            join(model, runner, prompts)  # prefill unsteered, as the scheduler does (taps paused)
         for runner in (hf, static):
             runner.set_rows(steer, True)
             results.append(runner.decode([30, 3], [4, 1]))
@@ -153,8 +162,8 @@ def test_inline_steering_and_capture_equal_the_hooks(tiny):
         assert_close(st_logits, hf_logits)
         assert_close(st_taps, hf_taps)  # [taps, B, H*D]
         with taps.paused():
-            assert not torch.allclose(hf_logits[0], fresh_logits(tiny, prompts[0]), atol=1e-3)  # row 0 was steered
-            assert_close(hf_logits[1], fresh_logits(tiny, prompts[1]))
+            assert not torch.allclose(hf_logits[0], fresh_logits(model, prompts[0]), atol=1e-3)  # row 0 was steered
+            assert_close(hf_logits[1], fresh_logits(model, prompts[1]))
     finally:
         taps.remove()
 
