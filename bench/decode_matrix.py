@@ -166,15 +166,14 @@ def print_matrix(rows: list[dict], args) -> None:
     print("decode tok/s: all streams together. x generate / x hf: against model.generate (same batch, threads) / "
           "the hf runner (same batch, threads, monitoring). start s: load (+ compile) time.")
     for threads in args.matrix_threads:
-        gen1_, llama = _find(rows, threads, "generate", 1), _find(rows, threads, "llama.cpp", 1)
+        gen1, llama = _find(rows, threads, "generate", 1), _find(rows, threads, "llama.cpp", 1)
         for quantized in ("static+compile+int8", "static+compile+int4"):
             row = _find(rows, threads, quantized, 1, True)
-            if row and gen1_:
+            if row and gen1:
                 versus_llama = f"; / llama.cpp: {row['tps'] / llama['tps']:.2f} (bar >= 0.6)" if llama else ""
                 print(f"[{threads} threads] {quantized} single stream, monitoring on / generate fp32: "
-                      f"{row['tps'] / gen1_['tps']:.2f}{versus_llama}")
+                      f"{row['tps'] / gen1['tps']:.2f}{versus_llama}")
         single = _find(rows, threads, "static+compile", 1)
-        gen1 = _find(rows, threads, "generate", 1)
         wide, hf8 = _find(rows, threads, "static+compile", 8), _find(rows, threads, "hf", 8)
         if single and gen1:
             print(f"[{threads} threads] static+compile single stream / generate: {single['tps'] / gen1['tps']:.2f} "

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -103,8 +104,6 @@ def llama_cpp_round(llm, ids: list[int], tokens: int) -> dict:
 
 def load_llama_cpp(model: str):
     """llama.cpp on the default model's shipped GGUF file."""
-    import os
-
     from llama_cpp import Llama
 
     from server.engine.loader import DEFAULT_GGUF_FILE, embedded_gguf_folder

@@ -1,8 +1,8 @@
 """The model's own chat answers to questions: greedy and sampled, batched `generate` on the builder's model.
 
-Prompts are the chat format's user turn with the generation prompt (`steering_artifacts/prompts.py`,
-the system prompt the template inserts by default), exactly what the server's chat endpoint feeds
-the model, so these are the answers the monitor sees at serving time.
+Prompts are the chat format's user turn with the generation prompt, built by the server's own
+`chat_token_ids` (server/engine/hf_compat.py; the system prompt the template inserts by default),
+so these are the answers the monitor sees at serving time.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from server.engine.hf_compat import chat_token_ids
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,6 @@ class Answer:
     question_index: int
     kind: str  # "greedy" or "sample"
     text: str
-
-
-def chat_prompt_ids(question: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    turn = [{"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +60,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """The greedy answer and `sampling.samples` sampled answers per question (stripped, empty and
     duplicate answers of a question dropped), in question order."""
     torch.manual_seed(sampling.seed)
-    prompts = [chat_prompt_ids(q, tokenizer) for q in questions]
+    prompts = [chat_token_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     found: dict[int, list[Answer]] = {i: [] for i in range(len(prompts))}
     kinds = [("greedy", False)] + ([("sample", True)] if sampling.samples > 0 else [])

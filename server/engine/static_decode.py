@@ -108,6 +108,7 @@ class StaticDecoder(nn.Module):
         # per group, fixed for the decoder's life: its layers and their cache buffers
         self._group_layers = [tuple(self.layers[i] for i in group) for group in self.groups]
         self._group_caches = [tuple(cache.layer(i) for i in group) for group in self.groups]
+        self._group_slots = [tuple(self.tap_slot.get(i) for i in group) for group in self.groups]  # None: no tap
         self.layers_step: Callable = decode_layers  # the runner swaps in a compiled one
         config = model.config
         self.act_width = config.num_attention_heads * (
@@ -124,10 +125,10 @@ class StaticDecoder(nn.Module):
             torch._dynamo.maybe_mark_dynamic(mask, 3)
         unsteered = x.new_zeros(x.shape[0], x.shape[2])  # [S, hidden]
         captured = []
-        for group, layers, caches in zip(self.groups, self._group_layers, self._group_caches):
-            steers = tuple(unsteered if i not in self.tap_slot else steer[:, self.tap_slot[i]] for i in group)
+        for layers, caches, slots in zip(self._group_layers, self._group_caches, self._group_slots):
+            steers = tuple(unsteered if slot is None else steer[:, slot] for slot in slots)
             x, heads = self.layers_step(layers, self.rope, caches, x, cos, sin, positions, mask, steers)
-            captured += [acts for i, acts in zip(group, heads) if i in self.tap_slot]
+            captured += [acts for slot, acts in zip(slots, heads) if slot is not None]
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
         taps = torch.stack(captured) if captured else x.new_zeros(0, x.shape[0], self.act_width)
         return logits, taps
