@@ -26,7 +26,7 @@ from common import ROOT, host_info, markdown_table, write_json
 CONFIGS = {"generate": ("generate", False, "none"), "hf": ("hf", False, "none"), "static": ("static", False, "none"),
            "static+compile": ("static", True, "none"), "static+compile+int8": ("static", True, "int8"),
            "static+compile+int4": ("static", True, "int4"), "llama.cpp": ("llama.cpp", False, "none")}
-CUDA_CONFIGS = ["generate", "hf", "static+compile"]  # int8/int4 are CPU-only (server/engine/quantize.py)
+CUDA_CONFIGS = ["generate", "hf", "static+compile", "static+compile+int8", "static+compile+int4"]
 
 
 def _default_configs(args) -> list[str]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the fast engine (README "Runners", bench/README.md): on a CUDA machine with a
 # CUDA torch in the venv, (1) the test suite with the engine on the GPU in fp32, then (2) the
-# decode matrix on the GPU in bf16 — hf runner vs the static runner compiled with CUDA graphs,
-# batch 1/8/32, FASB monitoring off and on — beside model.generate.
+# decode matrix on the GPU in bf16 — hf runner vs the static runner compiled with CUDA graphs, in
+# bf16 and with int8 / int4 weights, batch 1/8/32, FASB monitoring off and on — beside model.generate.
 #
 #   make install                                   # once; then put a CUDA torch in .venv (README)
 #   bench/gpu_check.sh                             # both parts; output also in bench/results/
@@ -34,7 +34,7 @@ if [ "${GPU_CHECK_TESTS:-1}" = "1" ]; then
   FASB_DEVICE=cuda FASB_DTYPE=float32 "$PY" -m pytest -q -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log"
 fi
 
-echo "== decode matrix on cuda (bf16): generate, hf, static+compile (CUDA graphs); batch 1/8/32"
+echo "== decode matrix on cuda (bf16): generate, hf, static+compile (CUDA graphs), +int8, +int4; batch 1/8/32"
 "$PY" bench/bench_decode.py --matrix --device cuda --dtype bfloat16 --matrix-threads 8 \
   --matrix-batches 1 8 32 --tokens "$TOKENS" --runs "$RUNS" --json-out "$RESULTS/gpu_matrix.json" \
   | tee "$RESULTS/gpu_matrix.md"

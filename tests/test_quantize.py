@@ -49,6 +49,27 @@ def test_int4_gives_back_q4_1_weights_exactly():
     assert (Int8Linear(linear).dequantized().float() - linear.weight).abs().max() > 0  # int8 rounds them
 
 
+def test_int8_cast_form_matches_the_cpu_kernel():
+    """CUDA runs int8 as linear(x, weight cast to x's dtype) * scale: the same product as the CPU kernel."""
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(256, 96, bias=False))
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    assert torch.allclose(layer.cast_matmul(x).float(), layer.packed_matmul(x).float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("rows", [1, 200])  # the packed kernel, and the dequantized GEMM
+def test_quantized_linear_on_cuda_matches_the_cpu_layer(cls, rows):
+    """The CUDA kernels (own int4 packing, int8 cast form) give the CPU layer's result."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 192, bias=True)  # K = 576: int4 tiles K by 64 on CUDA, not by 128
+    x = torch.randn(rows, 576)
+    on_cpu = cls(linear)(x)
+    on_cuda = cls(linear.cuda())(x.cuda()).cpu()
+    assert torch.allclose(on_cuda, on_cpu, atol=0.05, rtol=0.02)
+
+
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_decode_kernel_and_prefill_gemm_agree(cls):
     """Few rows run the packed kernel, many the dequantized GEMM: the same weights either way."""

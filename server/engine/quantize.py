@@ -1,4 +1,4 @@
-"""Weight-only quantization of a loaded model's linear layers (`--quantization int8|int4`, CPU).
+"""Weight-only quantization of a loaded model's linear layers (`--quantization int8|int4`).
 
 Why weight-only: decoding one token reads every weight once, so on CPU a small model's step is
 bound by memory traffic. int8 weights are a quarter of fp32's bytes, int4 about a sixth (with
@@ -24,6 +24,13 @@ bench/README.md.) Embeddings stay as they are (a lookup reads one row).
 The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
 prompt's hundreds. Above a row count measured per kernel, a layer dequantizes its weights to bf16
 and runs a GEMM (once per prefill call and layer, never per decode step).
+
+On CUDA the same layouts run on CUDA kernels: int4 on torch's tinygemm kernel
+(`aten._weight_int4pack_mm`, bf16 activations, the same scale/offset convention, its own packing),
+int8 as gpt-fast writes it — `linear(x, int8 weight cast to x's dtype) * scale` — which
+torch.compile fuses into one kernel that reads the int8 weight (eager, it casts the weight each
+call: correct, not fast). The CPU row thresholds are kept there; they are not measured on a GPU
+(bench/gpu_check.sh runs the quantized suite and bench on one).
 """
 
 from __future__ import annotations
@@ -88,7 +95,13 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.to(torch.bfloat16))
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
+        return self.cast_matmul(x)
+
+    def cast_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The device-neutral form (CUDA): compiled, the cast fuses into the matmul's weight loads."""
+        return F.linear(x, self.qweight.to(x.dtype)) * self.scale
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(torch.bfloat16) * self.scale[:, None]
@@ -116,8 +129,7 @@ class Int4Linear(QuantizedLinear):
         codes = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
         codes = codes.to(torch.uint8).reshape(n, k)
         # The kernel's own layout for decode steps, and the codes two per byte for dequantizing.
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
-        self.register_buffer("packed", packed)
+        self.register_buffer("packed", self._kernel_layout(codes))
         self.register_buffer("nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4))  # [N, K/2]
         scale_zero = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # [K/G, N, 2]
         self.register_buffer("scale_zero", scale_zero)
@@ -126,8 +138,21 @@ class Int4Linear(QuantizedLinear):
     def supports(linear: nn.Linear) -> bool:
         return linear.in_features % Int4Linear.GROUP == 0 and linear.out_features % 16 == 0
 
+    @staticmethod
+    def _kernel_layout(codes: torch.Tensor) -> torch.Tensor:
+        """codes [N, K] uint8 in 0..15 -> the packed weight the device's int4 kernel reads."""
+        if codes.device.type == "cpu":
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        # tinygemm (CUDA) takes two codes per byte, the even one high, and tiles K by 16 * inner_k_tiles;
+        # the largest tiling K allows (GROUP = 32 divides K, so 2 always does).
+        inner_k_tiles = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+        pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
+        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.GROUP, self.scale_zero)
 
     def dequantized(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -156,8 +181,8 @@ def quantize_weights(model: nn.Module, method: str) -> None:
         return
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r} ({', '.join(METHODS)})")
-    if model.device.type != "cpu":
-        raise ValueError(f"--quantization {method} is implemented for CPU only; on CUDA use --dtype bfloat16")
+    if model.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--quantization {method} runs on CPU and CUDA, not on {model.device.type}")
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     for layer in decoder_layers(model):
         for path in _LAYER_LINEARS:
