@@ -14,7 +14,6 @@ from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.prefill import PrefillGroup
 from server.engine.runner import HFRunner
-from server.engine.static_decode import layer_groups
 from server.engine.static_runner import StaticRunner, batch_buckets
 from server.engine.types import SteeringParams
 from server.steering.layers import attention_output_projections
@@ -105,12 +104,6 @@ def test_batch_buckets():
     assert batch_buckets(6) == [1, 2, 4, 6]
 
 
-def test_layer_groups():
-    assert [list(g) for g in layer_groups(7, 5)] == [[0, 1, 2, 3, 4], [5, 6]]
-    assert [list(g) for g in layer_groups(30)] == [list(range(i, i + 5)) for i in range(0, 30, 5)]
-    assert [list(g) for g in layer_groups(2)] == [[0, 1]]
-
-
 def _family_model(kind, num_layers=2):
     common = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
@@ -142,10 +135,10 @@ def test_llama_family_step_matches_transformers(kind):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("num_layers", [2, 7])  # 7: two layer groups, 5 + 2 (static_decode.layer_groups)
+@pytest.mark.parametrize("num_layers", [2, 7])  # 7: taps on some layers, not others, first and last
 def test_inline_steering_and_capture_equal_the_hooks(tiny, num_layers):
     model = tiny if num_layers == 2 else _family_model("llama", num_layers=num_layers)
-    layers = [0, 1] if num_layers == 2 else [1, 4, 5, 6]  # taps in both groups
+    layers = [0, 1] if num_layers == 2 else [1, 4, 5, 6]
     taps = HeadTaps(attention_output_projections(model), layers).install()
     try:
         hf, static = HFRunner(model, taps), StaticRunner(model, taps, max_rows=2, max_len=64, compile=False)

@@ -10,14 +10,9 @@ hooks (compare server/steering/taps.py, which does the same on the hf runner):
 * `steer` is added to the output of `o_proj` (o_proj is linear, so this equals adding each head's
   c * sigma * u to its slice of the input; server/steering/bank.py).
 
-`decode_layers` — `LAYERS_PER_GRAPH` consecutive layers — is the unit that gets compiled on CPU
-(server/engine/static_runner.py): every group of layers has the same shapes, so one compiled graph
-serves all of them (regional compilation: the compile time of a few layers, not of the whole
-model). Why a few and not one: each call of a compiled graph costs fixed Python work (dynamo's
-guards, the wrapper, ~0.2-0.3 ms here), which one layer per call pays 30 times a step on
-SmolLM2-135M; five per call made the int4 step ~13% faster for a compile of ~40 s instead of ~10 s
-(bench/README.md). Batch row b of a step is cache slot b; rows that hold no request run on dummy
-inputs and are ignored by the caller.
+The step has no Python hooks, no host syncs and no data-dependent control flow, so the whole of it
+compiles as one graph (server/engine/static_runner.py). Batch row b of a step is cache slot b; rows
+that hold no request run on dummy inputs and are ignored by the caller.
 """
 
 from __future__ import annotations
@@ -74,27 +69,6 @@ def decode_layer(layer: nn.Module, rope: Callable, k_cache: torch.Tensor, v_cach
     return x, head_acts
 
 
-LAYERS_PER_GRAPH = 5
-
-
-def decode_layers(layers: tuple[nn.Module, ...], rope: Callable,
-                  caches: tuple[tuple[torch.Tensor, torch.Tensor], ...], x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                  steers: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """`decode_layer` over consecutive layers; caches and steers: one per layer, in order.
-    Returns x after the last of them and each layer's head activations."""
-    heads = []
-    for layer, (k_cache, v_cache), steer in zip(layers, caches, steers):
-        x, acts = decode_layer(layer, rope, k_cache, v_cache, x, cos, sin, positions, mask, steer)
-        heads.append(acts)
-    return x, heads
-
-
-def layer_groups(num_layers: int, size: int = LAYERS_PER_GRAPH) -> list[range]:
-    """Consecutive groups of `size` layers, the last one shorter when size does not divide num_layers."""
-    return [range(start, min(num_layers, start + size)) for start in range(0, num_layers, size)]
-
-
 class StaticDecoder(nn.Module):
     def __init__(self, model: nn.Module, cache: StaticKVCache, tap_layers: list[int]):
         super().__init__()
@@ -102,14 +76,10 @@ class StaticDecoder(nn.Module):
         self.embed, self.layers, self.norm, self.rotary = base.embed_tokens, base.layers, base.norm, base.rotary_emb
         self.lm_head = model.get_output_embeddings()
         self.cache = cache
-        self.tap_slot = {layer: slot for slot, layer in enumerate(tap_layers)}
+        tap_slot = {layer: slot for slot, layer in enumerate(tap_layers)}
         self.rope = _rope_function(self.layers[0])
-        self.groups = layer_groups(len(self.layers))
-        # per group, fixed for the decoder's life: its layers and their cache buffers
-        self._group_layers = [tuple(self.layers[i] for i in group) for group in self.groups]
-        self._group_caches = [tuple(cache.layer(i) for i in group) for group in self.groups]
-        self._group_slots = [tuple(self.tap_slot.get(i) for i in group) for group in self.groups]  # None: no tap
-        self.layers_step: Callable = decode_layers  # the runner swaps in a compiled one
+        # per layer, fixed for the decoder's life: its cache buffers and its tap slot (None: no tap)
+        self._plan = [(layer, cache.layer(i), tap_slot.get(i)) for i, layer in enumerate(self.layers)]
         config = model.config
         self.act_width = config.num_attention_heads * (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -121,14 +91,13 @@ class StaticDecoder(nn.Module):
         x = self.embed(input_ids)[:, None, :]  # [S, 1, hidden]
         cos, sin = self.rotary(x, positions[:, None])  # [S, 1, D] each
         mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [S, 1, 1, T]: a row sees its past
-        if not torch.compiler.is_compiling():  # regional compilation: one compiled graph for all T
-            torch._dynamo.maybe_mark_dynamic(mask, 3)
         unsteered = x.new_zeros(x.shape[0], x.shape[2])  # [S, hidden]
         captured = []
-        for layers, caches, slots in zip(self._group_layers, self._group_caches, self._group_slots):
-            steers = tuple(unsteered if slot is None else steer[:, slot] for slot in slots)
-            x, heads = self.layers_step(layers, self.rope, caches, x, cos, sin, positions, mask, steers)
-            captured += [acts for slot, acts in zip(slots, heads) if slot is not None]
+        for layer, (k_cache, v_cache), slot in self._plan:
+            layer_steer = unsteered if slot is None else steer[:, slot]
+            x, acts = decode_layer(layer, self.rope, k_cache, v_cache, x, cos, sin, positions, mask, layer_steer)
+            if slot is not None:
+                captured.append(acts)
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
         taps = torch.stack(captured) if captured else x.new_zeros(0, x.shape[0], self.act_width)
         return logits, taps
