@@ -58,7 +58,8 @@ def split_by_group(groups: list[str], fractions: tuple[float, float, float] = (0
 def fold_split(groups: list[str], folds: int, fold: int, val_fraction: float = 0.2, seed: int = 0) -> Split:
     """Fold `fold` of `folds`: the seeded shuffle of the groups cut into `folds` near-equal parts; that part
     is the test set, validation is the first `val_fraction` of all groups among the other parts (in shuffled
-    order), and the rest trains. Every group is tested in exactly one fold."""
+    order, so with 5 folds and 0.2 it is fold 0's groups, or fold 1's when fold 0 is the test set), and the
+    rest trains. Every group is tested in exactly one fold."""
     if folds < 2 or not 0 <= fold < folds:
         raise ValueError(f"need folds >= 2 and 0 <= fold < folds; got folds={folds}, fold={fold}")
     distinct, order = _shuffled_groups(groups, seed, minimum=folds + 2)
