@@ -56,7 +56,7 @@ class BuildConfig:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     folds: int | None = None  # k-fold cross-validation: `fold` of `folds` is the test set, val is split[1] of all
-    fold: int | None = None
+    fold: int | str | None = None  # a fold number, or 'all' for `build_folds`
     alpha: float = 5.0
     threshold: float = 0.5
     backtrack_tokens: int = 10
@@ -465,7 +465,8 @@ def log_report(report: dict, out: Path) -> None:
 
 def build_folds(config: BuildConfig) -> list[BuildResult]:
     """All `config.folds` folds, fold i into `<out>/fold-i`. The activation cache is keyed by model and
-    token ids, not by split, so only the first fold collects; the others refit probes (README "Folds")."""
+    token ids, not by split, so only the first fold collects; the others refit probes
+    (steering_artifacts/README.md, "Folds for cross-validation")."""
     started, results = time.perf_counter(), []
     for fold in range(config.folds):
         log.info("fold %d/%d: building into %s/fold-%d", fold + 1, config.folds, config.out, fold)

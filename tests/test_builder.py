@@ -16,6 +16,7 @@ from steering_artifacts.cli import main
 from steering_artifacts.collect import collect_activations, pack_prompts
 from steering_artifacts.datasets import Example, load_jsonl
 from steering_artifacts.prompts import chat_text, encode
+from steering_artifacts.report import report_artifact
 from steering_artifacts.split import fold_split, split_by_group
 
 QUESTIONS = {
@@ -120,6 +121,11 @@ def test_cli_builds_every_fold_from_one_collection(tiny_model_dir, dataset_file,
     assert all(not set(s["val_ids"]) & set(s["test_ids"]) for s in splits)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # collected once, for all three folds
     assert caplog.text.count("(cache)") == 2 and "fold 3/3 done" in caplog.text
+    # `report` re-derives a fold's split from its manifest (it refuses a split that misses the test ids)
+    report = report_artifact(str(tmp_path / "folds" / "fold-1"), str(dataset_file), None, answer_positions=0,
+                             model=str(tiny_model_dir), cache_dir=str(tmp_path / "cache"), progress=False)
+    tested_answers = [e for e in examples() if f"q:{e['question']}" in splits[1]["test_ids"]]
+    assert report["test_by_position"]["all"]["rows"] == len(tested_answers)  # last token: one row per answer
 
 
 def test_batched_collection_equals_one_prompt_at_a_time(tiny):
