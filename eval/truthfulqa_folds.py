@@ -79,7 +79,7 @@ def _fold_table(per_fold: list[dict]) -> list[dict]:
 
 def _payload(args, per_fold: list[dict], pooled: dict[str, list[dict]], covered: int, total: int) -> dict:
     return {"folds_dir": str(args.folds_dir), "folds_run": [f["fold"] for f in per_fold],
-            "questions": sum(len(records) for records in list(pooled.values())[:1]),
+            "questions": len(next(iter(pooled.values()))),  # every row answers the same questions
             "covered_by_folds": covered, "total_questions": total, "rows": pooled_rows(per_fold, pooled),
             "intervals": interval_report(pooled), "per_fold": per_fold, "answers": pooled}
 
