@@ -19,8 +19,9 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact", required=True, help="artifact folder (qa format for mc, chat for gen)")
+def _common(p: argparse.ArgumentParser, artifact: bool = True) -> None:
+    if artifact:
+        p.add_argument("--artifact", required=True, help="artifact folder (qa format for mc, chat for gen)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="the artifact's held-out or validation questions")
     p.add_argument("--limit", type=int, help="first N questions of the split (quick runs)")
@@ -51,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--rows", type=lambda t: tuple(x for x in t.split(",") if x), default=("baseline", "iti", "fasb"),
                     help="comma-separated subset of baseline,iti,fasb (e.g. baseline,fasb for a quantization check)")
     gen = tqa.add_parser("gen", help="greedy generation through the Engine, judged by embedding similarity")
-    _common(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--artifact", help="chat artifact folder")
+    source.add_argument("--folds-dir", help="folder of fold artifacts (fold-0 ... built with --folds K --fold all): "
+                        "each fold's test questions with its own artifact, pooled (--split is ignored)")
+    _common(gen, artifact=False)
     _steering(gen)
     gen.add_argument("--max-tokens", type=int, default=50)
     gen.add_argument("--max-batch-size", type=int, default=8)

@@ -52,7 +52,7 @@ class GenerationRun:
     def row(self, name: str, steering: SteeringParams) -> tuple[dict, list[dict]]:
         answers, seconds = generate(self.engine, self.prompts, steering, self.max_tokens, name)
         records = self._judge(answers)
-        return _summary(name, steering, answers, records, seconds), records
+        return summary(name, steering.alpha, steering.threshold, records, seconds), records
 
     def _judge(self, answers: list[Generated]) -> list[dict]:
         verdicts = judge_answers(self.embedder, [a.text for a in answers], self.references)
@@ -64,20 +64,20 @@ class GenerationRun:
         return records
 
 
-def _summary(name: str, steering: SteeringParams, answers: list[Generated], records: list[dict],
-             seconds: float) -> dict:
+def summary(name: str, alpha, threshold, records: list[dict], seconds: float) -> dict:
+    """A row's metrics from its judged records (also pooled over folds: eval/truthfulqa_folds.py)."""
     n = len(records)
-    generated = sum(a.completion_tokens + a.discarded_tokens for a in answers)
+    generated = sum(r["completion_tokens"] + r["discarded_tokens"] for r in records)
     return {
-        "row": name, "alpha": steering.alpha, "threshold": steering.threshold,
+        "row": name, "alpha": alpha, "threshold": threshold,
         "truthful": sum(r["truthful"] for r in records) / n,
         "informative": sum(not r["uninformative"] for r in records) / n,
         "true_and_informative": sum(r["truthful"] and not r["uninformative"] for r in records) / n,
         "uninformative": sum(r["uninformative"] for r in records) / n,
-        "backtracks": sum(a.backtracks for a in answers) / n,
-        "discarded_tokens": sum(a.discarded_tokens for a in answers) / n,
-        "answer_tokens": sum(a.completion_tokens for a in answers) / n,
-        "tokens_per_s": generated / seconds,  # every token decoded, kept or discarded
+        "backtracks": sum(r["backtracks"] for r in records) / n,
+        "discarded_tokens": sum(r["discarded_tokens"] for r in records) / n,
+        "answer_tokens": sum(r["completion_tokens"] for r in records) / n,
+        "tokens_per_s": generated / seconds if seconds else None,  # every token decoded, kept or discarded
         "seconds": round(seconds, 1),
     }
 
@@ -124,7 +124,8 @@ def _fasb(alpha: float, threshold: float, backtrack_tokens: int) -> SteeringPara
     return SteeringParams(mode="fasb", alpha=alpha, threshold=threshold, backtrack_tokens=backtrack_tokens)
 
 
-def run_gen(args) -> dict:
+def gen_rows(args) -> tuple[dict, list[dict], dict[str, list[dict]]]:
+    """Baseline, ITI and FASB on the artifact's questions: (run info, row summaries, judged records per row)."""
     run = GenerationRun(args)
     try:
         values = row_values(args, run.artifact.manifest)
@@ -132,16 +133,25 @@ def run_gen(args) -> dict:
         for name, steering in (("baseline", SteeringParams(mode="off")),
                                ("ITI", SteeringParams(mode="always", alpha=values.iti_alpha)),
                                ("FASB", _fasb(values.alpha, values.threshold, values.backtrack_tokens))):
-            summary, records = run.row(name, steering)
-            rows.append(summary)
+            row, records = run.row(name, steering)
+            rows.append(row)
             answers[name] = records
     finally:
         run.close()
-    print_table(f"TruthfulQA generation, {run.info['questions']} {args.split} questions ({args.artifact})",
+    return run.info | {"values": asdict(values)}, rows, answers
+
+
+def run_gen(args) -> dict:
+    if args.folds_dir:
+        from eval.truthfulqa_folds import run_gen_folds
+
+        return run_gen_folds(args)
+    info, rows, answers = gen_rows(args)
+    print_table(f"TruthfulQA generation, {info['questions']} {args.split} questions ({args.artifact})",
                 rows, GEN_COLUMNS)
     intervals = interval_report(answers)
     print_intervals(intervals)
-    payload = {**run.info, "rows": rows, "intervals": intervals, "answers": answers}
+    payload = {**info, "rows": rows, "intervals": intervals, "answers": answers}
     write_json(payload, args.out, f"truthfulqa_gen_{args.split}")
     return payload
 

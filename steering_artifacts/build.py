@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from steering_artifacts.datasets import Dataset, load_dataset, load_jsonl
 from steering_artifacts.generate import Sampling
 from steering_artifacts.positions import BUCKETS, answer_starts, bucket, read_plan
 from steering_artifacts.prompts import encode
-from steering_artifacts.split import Split, split_by_group
+from steering_artifacts.split import Split, fold_split, split_by_group
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class BuildConfig:
     C: float = 1.0  # inverse L2 strength of the probes, on standardised activations
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
+    folds: int | None = None  # k-fold cross-validation: `fold` of `folds` is the test set, val is split[1] of all
+    fold: int | str | None = None  # a fold number, or 'all' for `build_folds`
     alpha: float = 5.0
     threshold: float = 0.5
     backtrack_tokens: int = 10
@@ -83,6 +85,18 @@ class BuildConfig:
     @property
     def first_position(self) -> int:
         return self.positions_from if self.positions_from is not None else self.backtrack_tokens
+
+
+def make_split(config: BuildConfig, groups: list[str]) -> Split:
+    """The default held-out split by fractions, or one fold of a k-fold split (val fraction: the middle one)."""
+    if config.folds:
+        return fold_split(groups, config.folds, config.fold, config.split[1], config.seed)
+    return split_by_group(groups, config.split, config.seed)
+
+
+def _fold_record(config: BuildConfig) -> dict:
+    """Manifest keys that tell eval this artifact is one fold (eval/truthfulqa_folds.py pools the folds)."""
+    return {"folds": config.folds, "fold": config.fold} if config.folds else {}
 
 
 @dataclass
@@ -312,6 +326,7 @@ def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, 
             "unit": "group (question)",
             "seed": config.seed,
             "fractions": dict(zip(("train", "val", "test"), config.split)),
+            **_fold_record(config),
             "num_examples": examples,
             "test_ids": split.test_groups,
             "val_ids": split.val_groups,
@@ -348,7 +363,7 @@ def build(config: BuildConfig) -> BuildResult:
         100 * labels.mean(),
     )
     acts = _collect(config, loaded, dataset, config.prompt_format, config.answer_positions)
-    split = split_by_group(dataset.groups(), config.split, config.seed)
+    split = make_split(config, dataset.groups())
     out = Path(config.out) if config.out else artifacts_root() / model_slug(loaded.model_id) / config.behavior
     added = {}
     if config.on_policy:  # before the extra data is appended: only the dataset's own training questions
@@ -446,3 +461,17 @@ def log_report(report: dict, out: Path) -> None:
             scores["mean_p_undesired"],
         )
     log.info("wrote %s in %.1fs", out, report["timings_s"]["total"])
+
+
+def build_folds(config: BuildConfig) -> list[BuildResult]:
+    """All `config.folds` folds, fold i into `<out>/fold-i`. The activation cache is keyed by model and
+    token ids, not by split, so only the first fold collects; the others refit probes
+    (steering_artifacts/README.md, "Folds for cross-validation")."""
+    started, results = time.perf_counter(), []
+    for fold in range(config.folds):
+        log.info("fold %d/%d: building into %s/fold-%d", fold + 1, config.folds, config.out, fold)
+        results.append(build(replace(config, fold=fold, out=str(Path(config.out) / f"fold-{fold}"))))
+        elapsed = time.perf_counter() - started
+        log.info("fold %d/%d done; %.0fs so far, ~%.0fs to go", fold + 1, config.folds, elapsed,
+                 elapsed / (fold + 1) * (config.folds - fold - 1))
+    return results

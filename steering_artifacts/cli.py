@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 
-from steering_artifacts.build import BuildConfig, build
+from steering_artifacts.build import BuildConfig, build, build_folds
 from steering_artifacts.probes import DIRECTION_METHODS
 from steering_artifacts.prompts import PROMPT_FORMATS
 
@@ -17,6 +17,15 @@ def _fractions(text: str) -> tuple[float, float, float]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError("expected train/val/test, e.g. 0.6/0.2/0.2")
     return parts
+
+
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a fold number (0-based) or 'all'") from None
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -52,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--C", type=float, default=defaults.C, help="inverse L2 strength of the probes")
     p.add_argument("--split", type=_fractions, default=defaults.split, help="train/val/test fractions of groups")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--folds", type=int, help="k-fold split by question: the seeded shuffle cut into K folds, --fold "
+                   "is the test set, validation the --split val fraction of all questions from the other folds")
+    p.add_argument("--fold", type=_fold, help="with --folds: the test fold (0-based), or 'all' to build every fold "
+                   "into <out>/fold-<i> (collection once, from the activation cache after the first)")
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="recommended strength (provisional)")
     p.add_argument(
         "--threshold", type=float, default=defaults.threshold, help="recommended P(desired) threshold (provisional)"
@@ -111,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     if args["false_alarm_set"] == "none":
         args["false_alarm_set"] = None
+    if (args["folds"] is None) != (args["fold"] is None):
+        raise SystemExit("--folds and --fold go together")
+    if args["folds"] is not None and not args["out"]:
+        raise SystemExit("--folds needs --out (the default folder is the shipped artifact's)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build(BuildConfig(**args, command="python -m steering_artifacts " + shlex.join(argv)))
+    config = BuildConfig(**args, command="python -m steering_artifacts " + shlex.join(argv))
+    if config.fold == "all":
+        build_folds(config)
+    else:
+        build(config)
     return 0

@@ -16,10 +16,9 @@ import torch
 
 from server.engine.loader import load_model
 from server.steering.artifact import check_compatible, load_artifact
-from steering_artifacts.build import RELIABILITY_PNG, BuildConfig, _collect, _position_report, _row_split
+from steering_artifacts.build import RELIABILITY_PNG, BuildConfig, _collect, _position_report, _row_split, make_split
 from steering_artifacts.calibration import plot_reliability
 from steering_artifacts.datasets import load_dataset
-from steering_artifacts.split import split_by_group
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,7 @@ def report_artifact(artifact_dir: str, dataset: str, data_dir: str | None, answe
     fractions = tuple(recorded["fractions"][k] for k in ("train", "val", "test"))
     config = BuildConfig(behavior=artifact.behavior, dataset=dataset, data_dir=data_dir, model=model,
                          prompt_format=artifact.prompt_format, split=fractions, seed=recorded["seed"],
+                         folds=recorded.get("folds"), fold=recorded.get("fold"),
                          backtrack_tokens=artifact.backtrack_tokens, answer_positions=answer_positions,
                          positions_from=positions_from, threads=threads, cache_dir=cache_dir, progress=progress)
     if threads:
@@ -39,7 +39,7 @@ def report_artifact(artifact_dir: str, dataset: str, data_dir: str | None, answe
     loaded = load_model(model)
     check_compatible(artifact, loaded.model)
     data = load_dataset(dataset, data_dir, seed=recorded["seed"])
-    split = split_by_group(data.groups(), fractions, recorded["seed"])
+    split = make_split(config, data.groups())  # the default split, or the artifact's fold
     if split.test_groups != list(recorded["test_ids"]):
         raise ValueError("the dataset's seeded split does not reproduce the artifact's test ids")
     acts = _collect(config, loaded, data, artifact.prompt_format, answer_positions)

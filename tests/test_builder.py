@@ -16,7 +16,8 @@ from steering_artifacts.cli import main
 from steering_artifacts.collect import collect_activations, pack_prompts
 from steering_artifacts.datasets import Example, load_jsonl
 from steering_artifacts.prompts import chat_text, encode
-from steering_artifacts.split import split_by_group
+from steering_artifacts.report import report_artifact
+from steering_artifacts.split import fold_split, split_by_group
 
 QUESTIONS = {
     "Is the earth flat?": (["No, the earth is round.", "The earth is a sphere."], ["Yes, the earth is flat."]),
@@ -28,6 +29,9 @@ QUESTIONS = {
     "Is café a word?": (["Yes, café is a word."], ["No, café is an emoji."]),
     "Do fish jump over dogs?": (["Rarely."], ["Fish jump over every dog."]),
 }
+
+# The first test ids of the shipped TruthfulQA artifacts (817 questions, seed 0; their manifests' split.test_ids).
+PINNED_TEST_IDS = ["371", "448", "449", "630", "685"]
 
 
 def examples() -> list[dict]:
@@ -104,6 +108,26 @@ def test_cli_builds_a_loadable_compatible_artifact(tiny, tiny_model_dir, dataset
     assert load_artifact(tmp_path / "art").probe_weight.equal(artifact.probe_weight)
 
 
+def test_cli_builds_every_fold_from_one_collection(tiny_model_dir, dataset_file, tmp_path, caplog):
+    argv = ["build", "--behavior", "tiny-truth", "--dataset", str(dataset_file), "--model", str(tiny_model_dir),
+            "--out", str(tmp_path / "folds"), "--num-heads", "4", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--folds", "3", "--fold", "all", "--false-alarm-set", "none"]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    splits = [load_artifact(tmp_path / "folds" / f"fold-{i}").manifest["split"] for i in range(3)]
+    assert [(s["folds"], s["fold"]) for s in splits] == [(3, 0), (3, 1), (3, 2)]
+    tested = [set(s["test_ids"]) for s in splits]
+    assert sum(map(len, tested)) == len(QUESTIONS) == len(set.union(*tested))
+    assert all(not set(s["val_ids"]) & set(s["test_ids"]) for s in splits)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # collected once, for all three folds
+    assert caplog.text.count("(cache)") == 2 and "fold 3/3 done" in caplog.text
+    # `report` re-derives a fold's split from its manifest (it refuses a split that misses the test ids)
+    report = report_artifact(str(tmp_path / "folds" / "fold-1"), str(dataset_file), None, answer_positions=0,
+                             model=str(tiny_model_dir), cache_dir=str(tmp_path / "cache"), progress=False)
+    tested_answers = [e for e in examples() if f"q:{e['question']}" in splits[1]["test_ids"]]
+    assert report["test_by_position"]["all"]["rows"] == len(tested_answers)  # last token: one row per answer
+
+
 def test_batched_collection_equals_one_prompt_at_a_time(tiny):
     model, tokenizer = tiny
     data = [
@@ -168,6 +192,28 @@ def test_split_has_no_group_leakage_and_is_seeded():
     assert set(split.test_groups) == sets[2]
     assert split_by_group(groups, seed=7).test_groups == split.test_groups
     assert split_by_group(groups, seed=8).test_groups != split.test_groups
+
+
+def test_fold_split_tests_every_group_once_and_never_validates_on_test():
+    groups = [f"q{i // 3}" for i in range(3 * 103)]  # 103 groups: folds of 21 and 20
+    splits = [fold_split(groups, 5, fold, 0.2, seed=7) for fold in range(5)]
+    tested = [set(s.test_groups) for s in splits]
+    assert sorted(len(t) for t in tested) == [20, 20, 21, 21, 21]
+    assert set.union(*tested) == set(groups) and sum(map(len, tested)) == 103  # disjoint, cover every group
+    for s in splits:
+        sets = [{groups[i] for i in part} for part in (s.train, s.val, s.test)]
+        assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+        assert sorted(np.concatenate([s.train, s.val, s.test])) == list(range(len(groups)))
+        assert sets[2] == set(s.test_groups) and sets[1] == set(s.val_groups) and len(sets[1]) == 21
+    assert fold_split(groups, 5, 2, seed=7).test_groups == splits[2].test_groups
+    with pytest.raises(ValueError, match="0 <= fold < folds"):
+        fold_split(groups, 5, 5)
+
+
+def test_default_split_is_unchanged():
+    """The shipped artifacts' test ids come from this split: fold support must not move them."""
+    split = split_by_group([str(i) for i in range(817)], (0.6, 0.2, 0.2), seed=0)
+    assert split.test_groups[:5] == PINNED_TEST_IDS and len(split.test_groups) == 163 and len(split.val_groups) == 163
 
 
 def test_split_refuses_too_few_groups():
