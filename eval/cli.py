@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from eval.truthfulqa_mc import run_mc
 
         run_mc(args)
+    elif args.task == "gen" and args.folds_dir:
+        from eval.truthfulqa_folds import run_gen_folds
+
+        run_gen_folds(args)
     elif args.task == "gen":
         from eval.truthfulqa_gen import run_gen
 

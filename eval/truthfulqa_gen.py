@@ -142,10 +142,6 @@ def gen_rows(args) -> tuple[dict, list[dict], dict[str, list[dict]]]:
 
 
 def run_gen(args) -> dict:
-    if args.folds_dir:
-        from eval.truthfulqa_folds import run_gen_folds
-
-        return run_gen_folds(args)
     info, rows, answers = gen_rows(args)
     print_table(f"TruthfulQA generation, {info['questions']} {args.split} questions ({args.artifact})",
                 rows, GEN_COLUMNS)
