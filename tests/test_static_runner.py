@@ -13,8 +13,9 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.prefill import PrefillGroup
+from server.engine.quantize import quantize_weights
 from server.engine.runner import HFRunner
-from server.engine.static_runner import StaticRunner, batch_buckets
+from server.engine.static_runner import StaticRunner, _cpu_inductor_options, batch_buckets
 from server.engine.types import SteeringParams
 from server.steering.layers import attention_output_projections
 from server.steering.taps import HeadTaps
@@ -183,3 +184,29 @@ async def test_compiled_static_runner_equals_hf_runner(tiny_model_dir, tmp_path)
             await engine.stop()
     assert results["static"] == results["hf"]
     assert any(backtracks for _, backtracks in results["hf"]), "the mix should include backtracking requests"
+
+
+def test_cpu_compile_uses_matmul_templates_only_for_quantized_weights(tiny_model_dir):
+    model = load_model(str(tiny_model_dir)).model
+    assert _cpu_inductor_options(model) == {"freezing": True}
+    quantize_weights(model, "int4")
+    options = _cpu_inductor_options(model)
+    assert options == {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+@torch.inference_mode()
+def test_compiled_int4_step_agrees_with_eager(tiny_model_dir):
+    # Compiled, the int4 layers run in inductor's own matmul kernels (static_runner.py), another
+    # summation order than torch's packed kernel: agreement, not equality.
+    model = load_model(str(tiny_model_dir)).model
+    quantize_weights(model, "int4")
+    prompt = [5, 9, 12, 7, 30]
+    logits = {}
+    for compiled in (False, True):
+        runner = StaticRunner(model, None, max_rows=1, max_len=64, compile=compiled)
+        join(model, runner, [prompt])
+        logits[compiled] = [decode(runner, [token], [pos])[0] for pos, token in zip(range(4, 7), (prompt[-1], 40, 41))]
+    for compiled, eager in zip(logits[True], logits[False]):
+        # logits up to ~8 here, rounded to bf16 by the int8 LM head (steps of 1/32 near 8): a few steps apart at most
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0.15)
+        assert compiled.argmax() == eager.argmax()
