@@ -191,7 +191,7 @@ def test_cpu_compile_uses_matmul_templates_only_for_quantized_weights(tiny_model
     assert _cpu_inductor_options(model) == {"freezing": True}
     quantize_weights(model, "int4")
     options = _cpu_inductor_options(model)
-    assert options == {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    assert options["freezing"] and options["max_autotune"] and options["max_autotune_gemm_backends"] == "CPP,ATEN"
 
 
 @torch.inference_mode()

@@ -175,5 +175,7 @@ def _cpu_inductor_options(model: torch.nn.Module) -> dict:
     """
     options = {"freezing": True}
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
-        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                       # autotuning writes each layer's timings to stderr: hundreds of lines in the log
+                       autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
     return options
