@@ -21,6 +21,9 @@ exactly the fp32 model's math there. (Measured: o_proj in int4 too makes the int
 but moves FASB's TruthfulQA MC1 by -0.012 against fp32, past the 0.01 we hold quantization to;
 bench/README.md.) Embeddings stay as they are (a lookup reads one row).
 
+Compiled by the static runner on CPU, these calls are where inductor may put its own generated
+GEMM kernels instead, chosen by measuring both (server/engine/static_runner.py).
+
 The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
 prompt's hundreds. Above a row count measured per kernel, a layer dequantizes its weights to bf16
 and runs a GEMM (once per prefill call and layer, never per decode step).
