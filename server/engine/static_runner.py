@@ -158,20 +158,18 @@ class StaticRunner:
 
 
 def _cpu_inductor_options(model: torch.nn.Module) -> dict:
-    """Inductor's options for the CPU step: freezing always; with quantized weights, also its own
-    generated matmul kernels (max-autotune, C++ templates only).
+    """Inductor's options for the CPU step: freezing always; with quantized weights, also
+    max-autotune over inductor's own C++ GEMM templates and ATen's kernels.
 
-    With int4/int8 weights, the template kernels unpack the codes inside inductor's own GEMM
-    micro-kernel and fuse around it, where torch's packed int4 kernel is a separate call per layer
-    (1800 calls per 10 steps at ~55 us each, most of the int4 step). Measured in one process, 1
-    thread, int4, batch 1: ~19-26 ms per step against ~25-32 ms frozen without templates
-    (docs/architecture.md). Not for fp32: there they are ~8% faster at batch 1, ~15% slower at
-    batch 8, and hold another packed copy of the weights (peak RSS 4.4 GB against 2.5 GB). ATen's
-    kernels stay candidates: the templates do not take every shape (a
-    tiny model's 32-wide int4 layers), and autotuning keeps whichever is faster per shape. It
-    benchmarks the candidates at compile time, so the start takes ~2x longer (~5.5 min at 1
-    thread with a cold cache), and which kernel wins may differ between starts (int4's greedy
-    tokens are checked for agreement, not equality).
+    With int4/int8 weights, a template unpacks the codes inside inductor's GEMM micro-kernel,
+    where torch's packed int4 kernel is a separate call per layer (55 us per call at one row,
+    most of the int4 step); autotuning times both per layer shape and keeps the faster. Measured
+    (README "Runners"): the single-stream int4 step 1.1-1.5x faster. Not for fp32: there templates
+    were ~8% faster at batch 1, ~15% slower at batch 8, with peak RSS 4.4 GB against 2.5 GB
+    (docs/architecture.md). ATen stays a candidate because templates do not take every shape (a
+    tiny model's 32-wide int4 layers). Timing the candidates makes a cold start ~4x longer (~10 min
+    for the default model), and the winner may differ between starts (int4's greedy tokens are
+    checked for agreement, not equality).
     """
     options = {"freezing": True}
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
