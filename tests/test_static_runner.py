@@ -196,8 +196,9 @@ def test_cpu_compile_uses_matmul_templates_only_for_quantized_weights(tiny_model
 
 @torch.inference_mode()
 def test_compiled_int4_step_agrees_with_eager(tiny_model_dir):
-    # Compiled, the int4 layers run in inductor's own matmul kernels (static_runner.py), another
-    # summation order than torch's packed kernel: agreement, not equality.
+    # Compiled with quantized weights, each layer runs whichever kernel autotuning found faster,
+    # inductor's own or torch's packed one (static_runner.py), in another summation order than
+    # eager: agreement, not equality.
     model = load_model(str(tiny_model_dir)).model
     quantize_weights(model, "int4")
     prompt = [5, 9, 12, 7, 30]
