@@ -128,7 +128,8 @@ class StaticRunner:
         same bytes read), and the packed kernels are not. Measured side by side (docs/architecture.md):
         the fp32 step ~1.2x faster at batch 1 and ~1.4x at batch 8 than five-layer graphs without
         freezing, for a packed copy of the weights per compiled graph (the eager model keeps its
-        own for prefill) and a longer compile. CUDA: `mode="reduce-overhead"` (CUDA graphs), so a
+        own for prefill) and a longer compile. With quantized weights inductor also autotunes its own
+        matmul kernels against torch's (`_cpu_inductor_options`). CUDA: `mode="reduce-overhead"` (CUDA graphs), so a
         step is one graph launch; the cache buffers are module buffers, which CUDA graphs treat as
         fixed addresses.
         """
