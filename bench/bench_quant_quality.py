@@ -1,11 +1,14 @@
 """How far quantized weights move the model from fp32: teacher-forced KL, top-1 and greedy agreement.
 
 For a dozen everyday chat prompts, the fp32 model's own greedy answer (`--tokens` new tokens) is the
-text every variant is scored on, teacher-forced: at each answer position, the KL divergence from
-fp32's next-token distribution to the variant's, and whether the two pick the same top token. Then
-each variant decodes greedily by itself, and the table says how many leading tokens equal fp32's
-(summed over prompts). Variants: bf16 weights (a reference point), `--quantization int8` and
-`int4` (server/engine/quantize.py), and int4 with an int4 LM head (why the head stays int8).
+text every variant is scored on, teacher-forced one token at a time after the prompt, as the server
+decodes (so quantized layers run their decode-step kernels): at each answer position, the KL
+divergence from fp32's next-token distribution to the variant's, and whether the two pick the same
+top token. Then each variant decodes greedily by itself, and the table says how many leading tokens
+equal fp32's (summed over prompts). Variants: bf16 weights (a reference point), `--quantization
+int8` and `int4` (server/engine/quantize.py; int4 on our int4 x int8 kernel where the CPU has it,
+server/engine/cpu_kernels.py), int4 on torch's kernel (bf16 activations), and int4 with an int4
+LM head (why the head stays int8).
 
     .venv/bin/python bench/bench_quant_quality.py                  # default model, ~3 min on 1 core
     .venv/bin/python bench/bench_quant_quality.py --tokens 24 --prompts 4   # smoke
@@ -21,12 +24,14 @@ import copy
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import host_info, markdown_table  # noqa: E402
 
+from server.engine import quantize  # noqa: E402
 from server.engine.hf_compat import chat_token_ids  # noqa: E402
 from server.engine.loader import load_model  # noqa: E402
 from server.engine.quantize import Int4Linear, quantize_weights  # noqa: E402
@@ -43,6 +48,10 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
     if name == "bf16":
         return copy.deepcopy(base).to(torch.bfloat16)
     model = copy.deepcopy(base)
+    if name == "int4, torch kernel":
+        with mock.patch.object(quantize, "int4_q8_available", lambda: False):
+            quantize_weights(model, "int4")
+        return model
     quantize_weights(model, "int4" if name == "int4, int4 head" else name)
     if name == "int4, int4 head":
         model.set_output_embeddings(Int4Linear(base.get_output_embeddings()))
@@ -59,10 +68,13 @@ def greedy(model: torch.nn.Module, prompt: list[int], tokens: int, eos: int) -> 
 
 @torch.inference_mode()
 def answer_log_probs(model: torch.nn.Module, prompt: list[int], answer: list[int]) -> torch.Tensor:
-    """log p(next token) at each answer position, teacher-forced: [len(answer), V] in fp32."""
-    ids = torch.tensor([prompt + answer])
-    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    return torch.log_softmax(logits, dim=-1)
+    """log p(next token) at each answer position, teacher-forced one token per step: [len(answer), V] in fp32."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    logits = [out.logits[0, -1]]
+    for token in answer[:-1]:
+        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits[0, -1])
+    return torch.log_softmax(torch.stack(logits).float(), dim=-1)
 
 
 def compare(model, reference: list[torch.Tensor], prompts: list[list[int]], answers: list[list[int]], eos: int):
@@ -83,7 +95,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=40, help="greedy answer length per prompt")
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--variants", nargs="+", default=["bf16", "int8", "int4", "int4, int4 head"])
+    p.add_argument("--variants", nargs="+", default=["bf16", "int8", "int4", "int4, torch kernel", "int4, int4 head"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu", dtype="float32")

@@ -49,6 +49,19 @@ def test_int4_gives_back_q4_1_weights_exactly():
     assert (Int8Linear(linear).dequantized().float() - linear.weight).abs().max() > 0  # int8 rounds them
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("rows", [1, 200])  # the packed kernel, and the dequantized GEMM
+def test_concatenated_layer_gives_the_parts_outputs_side_by_side(cls, rows):
+    """q|k|v and gate|up fused for the static step (server/engine/static_decode.py): the same codes and
+    scales, so the same weights; a part without a bias gets zeros beside one that has one (Qwen2)."""
+    torch.manual_seed(0)
+    parts = [cls(nn.Linear(128, n, bias=bias)) for n, bias in ((64, True), (32, False), (32, True))]
+    fused = cls.concatenated(parts)
+    assert torch.equal(fused.dequantized(), torch.cat([p.dequantized() for p in parts]))
+    x = torch.randn(rows, 128)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=0, atol=1e-5)
+
+
 def test_int8_cast_form_matches_the_cpu_kernel():
     """CUDA runs int8 as linear(x, weight cast to x's dtype) * scale: the same product as the CPU kernel."""
     torch.manual_seed(0)

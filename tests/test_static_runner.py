@@ -15,6 +15,7 @@ from server.engine.loader import load_model
 from server.engine.prefill import PrefillGroup
 from server.engine.quantize import quantize_weights
 from server.engine.runner import HFRunner
+from server.engine.static_decode import FusedProjections
 from server.engine.static_runner import StaticRunner, _cpu_inductor_options, batch_buckets
 from server.engine.types import SteeringParams
 from server.steering.layers import attention_output_projections
@@ -184,6 +185,35 @@ async def test_compiled_static_runner_equals_hf_runner(tiny_model_dir, tmp_path)
             await engine.stop()
     assert results["static"] == results["hf"]
     assert any(backtracks for _, backtracks in results["hf"]), "the mix should include backtracking requests"
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])  # q/k/v biases; GQA
+def test_fused_projections_give_the_steps_of_the_models_own(kind, method, monkeypatch):
+    # With quantized weights the static step runs q|k|v and gate|up as one matmul each
+    # (static_decode.py); the layers' own modules give the same logits and captured heads.
+    model = _family_model(kind)
+    quantize_weights(model, method)
+    layers = [0, 1]
+    taps = HeadTaps(attention_output_projections(model), layers).install()
+    steer = torch.randn(2, len(layers), model.config.hidden_size)
+    a, b = [3, 17, 4, 99, 23, 5], [42, 7]
+    results = []
+    try:
+        for fuse in (True, False):
+            if not fuse:
+                monkeypatch.setattr(FusedProjections, "applies", staticmethod(lambda layer: False))
+            runner = StaticRunner(model, taps, max_rows=2, max_len=32, compile=False)
+            assert len(runner.decoder.fused) == (len(model.model.layers) if fuse else 0)
+            join(model, runner, [a, b])
+            runner.set_rows(steer, True)
+            results.append(runner.decode([a[-1], b[-1]], [len(a) - 1, len(b) - 1]))
+    finally:
+        taps.remove()
+    (fused_logits, fused_taps), (own_logits, own_taps) = results
+    torch.testing.assert_close(fused_logits, own_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fused_taps, own_taps, rtol=0, atol=1e-5)
 
 
 def test_cpu_compile_uses_matmul_templates_only_for_quantized_weights(tiny_model_dir):

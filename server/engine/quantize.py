@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.cpu_kernels import int4_q8_available, int4_q8_layout, int4_q8_mm
 from server.steering.layers import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -66,19 +67,38 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= self.kernel_max_rows:
             out = self.packed_matmul(flat)
         else:
-            out = F.linear(flat, self.dequantized())
+            out = F.linear(flat.to(torch.bfloat16), self.dequantized())
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] in the model's dtype -> [M, N] (bf16 or fp32, as the kernel gives it)."""
         raise NotImplementedError
 
     def dequantized(self) -> torch.Tensor:
         """The weight [N, K] in bf16."""
+        raise NotImplementedError
+
+    @classmethod
+    def concatenated(cls, parts: list[QuantizedLinear]) -> QuantizedLinear:
+        """One layer whose output is the parts' outputs side by side, from their quantized weights
+        (each output channel is quantized on its own, so this is exact, not a re-quantization)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        fused.bias = None
+        some_bias = next((p.bias for p in parts if p.bias is not None), None)
+        if some_bias is not None:  # Qwen2's q/k/v have biases
+            biases = [p.bias if p.bias is not None else some_bias.new_zeros(p.out_features) for p in parts]
+            fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+        fused.join_buffers(parts)
+        return fused
+
+    def join_buffers(self, parts: list[QuantizedLinear]) -> None:
         raise NotImplementedError
 
 
@@ -98,6 +118,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.to(torch.bfloat16))
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
         return self.cast_matmul(x)
@@ -108,6 +129,10 @@ class Int8Linear(QuantizedLinear):
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(torch.bfloat16) * self.scale[:, None]
+
+    def join_buffers(self, parts: list[QuantizedLinear]) -> None:
+        self.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        self.register_buffer("scale", torch.cat([p.scale for p in parts]))
 
 
 class Int4Linear(QuantizedLinear):
@@ -131,11 +156,28 @@ class Int4Linear(QuantizedLinear):
         zero = (low + 8 * scale.float()).to(torch.bfloat16)
         codes = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
         codes = codes.to(torch.uint8).reshape(n, k)
-        # The kernel's own layout for decode steps, and the codes two per byte for dequantizing.
-        self.register_buffer("packed", self._kernel_layout(codes))
-        self.register_buffer("nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4))  # [N, K/2]
         scale_zero = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # [K/G, N, 2]
+        self._store(codes, scale_zero)
+
+    def _store(self, codes: torch.Tensor, scale_zero: torch.Tensor) -> None:
+        # The decode kernel's own layout (ours on a CPU that has it, decided here, on the weights'
+        # device), and the codes two per byte (with scale_zero) for dequantizing and `concatenated`.
+        self.own_kernel = codes.device.type == "cpu" and int4_q8_available()
+        if self.own_kernel:
+            packed, kernel_scale_zero = int4_q8_layout(codes, scale_zero)
+            self.register_buffer("kernel_scale_zero", kernel_scale_zero)
+        else:
+            packed = self._kernel_layout(codes)
+        self.register_buffer("packed", packed)
+        self.register_buffer("nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4))  # [N, K/2]
         self.register_buffer("scale_zero", scale_zero)
+
+    def codes(self) -> torch.Tensor:
+        """The codes [N, K], 0..15."""
+        return torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=2).reshape(self.out_features, self.in_features)
+
+    def join_buffers(self, parts: list[QuantizedLinear]) -> None:
+        self._store(torch.cat([p.codes() for p in parts]), torch.cat([p.scale_zero for p in parts], dim=1))
 
     @staticmethod
     def supports(linear: nn.Linear) -> bool:
@@ -153,13 +195,16 @@ class Int4Linear(QuantizedLinear):
         return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.own_kernel:  # activations as int8 parts, integer dot products (cpu_kernels.py)
+            return int4_q8_mm(x, self.packed, self.kernel_scale_zero)
+        x = x.to(torch.bfloat16)
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.GROUP, self.scale_zero)
 
     def dequantized(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        codes = torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=2).reshape(n, k // self.GROUP, self.GROUP)
+        codes = self.codes().reshape(n, k // self.GROUP, self.GROUP)
         scale, zero = self.scale_zero.transpose(0, 1).unbind(dim=2)  # [N, K/G] each
         return ((codes.to(torch.bfloat16) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 

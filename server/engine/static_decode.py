@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.quantize import QuantizedLinear
 from server.engine.static_cache import StaticKVCache
 
 
@@ -36,21 +37,61 @@ def _rope_function(layer: nn.Module) -> Callable:
     return rope
 
 
-def decode_layer(layer: nn.Module, rope: Callable, k_cache: torch.Tensor, v_cache: torch.Tensor, x: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 steer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class FusedProjections(nn.Module):
+    """A decoder layer's q|k|v and gate|up projections as one quantized matmul each.
+
+    Why: with quantized weights a decode step's matmuls are small and each is a separate kernel
+    call with its own fixed cost (and, at 2 threads, its own split of the work): fused, a layer
+    makes 4 matmul calls instead of 7, on wider outputs. Built from the model's quantized layers
+    (the same codes and scales, so the products are the same sums); only the static step uses it —
+    prefill and the hf runner keep the model's own modules. Not for fp32 weights, where the static
+    runner's tokens are held equal to the hf runner's.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv = type(attn.q_proj).concatenated(list(parts))
+        self.qkv_widths = [p.out_features for p in parts]
+        self.gate_up = type(mlp.gate_proj).concatenated([mlp.gate_proj, mlp.up_proj])
+        self.act_fn, self.down_proj = mlp.act_fn, mlp.down_proj
+
+    @staticmethod
+    def applies(layer: nn.Module) -> bool:
+        """Whether the layer's five projections are quantized alike in a Llama-style MLP."""
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")] + [
+            getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        kind = type(parts[0])
+        return (issubclass(kind, QuantizedLinear) and all(type(p) is kind for p in parts)
+                and hasattr(mlp, "act_fn") and hasattr(mlp, "down_proj"))
+
+    def project_qkv(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.qkv(h).split(self.qkv_widths, dim=-1))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)  # LlamaMLP's formula
+
+
+def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callable, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor, steer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per row.
 
     x: [S, 1, hidden]; cos, sin: [S, 1, D]; positions: [S]; mask: [S, 1, 1, T]; steer: [S, hidden];
-    k_cache, v_cache: this layer's [slots, KVH, max_len, D] (written at each row's position).
+    k_cache, v_cache: this layer's [slots, KVH, max_len, D] (written at each row's position);
+    fused: the layer's fused projections, or None to run its own.
     Returns x after the layer and the o_proj input [S, H*D] (the head activations).
     """
     attn = layer.self_attn
     S, D = x.shape[0], attn.head_dim
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(S, 1, -1, D).transpose(1, 2)  # [S, H, 1, D]
-    k = attn.k_proj(h).view(S, 1, -1, D).transpose(1, 2)  # [S, KVH, 1, D]
-    v = attn.v_proj(h).view(S, 1, -1, D).transpose(1, 2)
+    q, k, v = fused.project_qkv(h) if fused is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+    q = q.reshape(S, 1, -1, D).transpose(1, 2)  # [S, H, 1, D]
+    k = k.reshape(S, 1, -1, D).transpose(1, 2)  # [S, KVH, 1, D]
+    v = v.reshape(S, 1, -1, D).transpose(1, 2)
     q, k = rope(q, k, cos, sin)
     heads, kv_heads = q.shape[1], k.shape[1]
     rows = torch.arange(S, device=x.device)
@@ -65,7 +106,8 @@ def decode_layer(layer: nn.Module, rope: Callable, k_cache: torch.Tensor, v_cach
     head_acts = out.reshape(S, heads * D)  # head h = kv * G + g, as o_proj expects
     # .forward, not attn.o_proj(...): o_proj's tap hooks belong to the hf runner
     x = x + (attn.o_proj.forward(head_acts) + steer)[:, None, :]
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    mlp = fused.mlp if fused is not None else layer.mlp
+    x = x + mlp(layer.post_attention_layernorm(x))
     return x, head_acts
 
 
@@ -78,8 +120,12 @@ class StaticDecoder(nn.Module):
         self.cache = cache
         tap_slot = {layer: slot for slot, layer in enumerate(tap_layers)}
         self.rope = _rope_function(self.layers[0])
-        # per layer, fixed for the decoder's life: its cache buffers and its tap slot (None: no tap)
-        self._plan = [(layer, cache.layer(i), tap_slot.get(i)) for i, layer in enumerate(self.layers)]
+        self.fused = nn.ModuleDict({str(i): FusedProjections(layer) for i, layer in enumerate(self.layers)
+                                    if FusedProjections.applies(layer)})
+        # per layer, fixed for the decoder's life: its fused projections (None: its own), cache buffers
+        # and tap slot (None: no tap)
+        self._plan = [(layer, self.fused[str(i)] if str(i) in self.fused else None, cache.layer(i), tap_slot.get(i))
+                      for i, layer in enumerate(self.layers)]
         config = model.config
         self.act_width = config.num_attention_heads * (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -93,9 +139,9 @@ class StaticDecoder(nn.Module):
         mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [S, 1, 1, T]: a row sees its past
         unsteered = x.new_zeros(x.shape[0], x.shape[2])  # [S, hidden]
         captured = []
-        for layer, (k_cache, v_cache), slot in self._plan:
+        for layer, fused, (k_cache, v_cache), slot in self._plan:
             layer_steer = unsteered if slot is None else steer[:, slot]
-            x, acts = decode_layer(layer, self.rope, k_cache, v_cache, x, cos, sin, positions, mask, layer_steer)
+            x, acts = decode_layer(layer, fused, self.rope, k_cache, v_cache, x, cos, sin, positions, mask, layer_steer)
             if slot is not None:
                 captured.append(acts)
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
