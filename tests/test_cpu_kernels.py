@@ -67,3 +67,36 @@ def test_kernel_takes_bf16_activations():
     x = torch.randn(2, 64)
     packed = int4_q8_layout(codes, scale_zero)
     torch.testing.assert_close(int4_q8_mm(x.bfloat16(), *packed), int4_q8_mm(x.bfloat16().float(), *packed))
+
+
+def test_int4_layer_on_our_kernel_matches_torchs(monkeypatch):
+    from torch import nn
+
+    from server.engine import quantize
+
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 192, bias=True)
+    ours = quantize.Int4Linear(linear)
+    monkeypatch.setattr(quantize, "int4_q8_available", lambda: False)
+    theirs = quantize.Int4Linear(linear)
+    assert ours.own_kernel and not theirs.own_kernel
+    x = torch.randn(3, 576)
+    torch.testing.assert_close(ours(x), theirs(x), atol=0.05, rtol=0.02)  # theirs: bf16 activations
+    torch.testing.assert_close(ours(x), x @ ours.dequantized().float().T + linear.bias, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("env", [{"FASB_INT4_KERNEL": "torch"}, {"CXX": "/bin/false"}])
+def test_without_the_kernel_int4_falls_back_to_torchs(env, tmp_path):
+    """Turned off, or no compiler to build it (an empty extension cache): torch's kernel, a warning, no error."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from torch import nn; from server.engine.quantize import Int4Linear; "
+            "layer = Int4Linear(nn.Linear(64, 32)); print(layer.own_kernel, tuple(layer(torch.randn(2, 64)).shape))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), **env})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "(2,", "32)"]
+    if "CXX" in env:
+        assert "could not build the int4 x int8 CPU kernel" in done.stderr

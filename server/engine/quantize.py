@@ -4,8 +4,10 @@ Why weight-only: decoding one token reads every weight once, so on CPU a small m
 bound by memory traffic. int8 weights are a quarter of fp32's bytes, int4 about a sixth (with
 their group scales). torch's packed kernels (`aten._weight_int8pack_mm`,
 `aten._weight_int4pack_mm_for_cpu`) are slow with fp32 activations here but fast with bf16 ones,
-which use the CPU's bf16 dot-product instructions; so each quantized matmul runs on bf16
-activations and its output returns to the model's dtype. Measured numbers: bench/README.md.
+which use the CPU's bf16 dot-product instructions; so their matmuls run on bf16 activations and
+the output returns to the model's dtype. Measured numbers: bench/README.md. int4 on a CPU with
+AVX-512 VNNI runs on our own kernel instead (server/engine/cpu_kernels.py: integer dot products
+on activations coded as two int8 parts, 2-3x faster, and closer to fp32 than bf16 activations).
 
 * int8: symmetric, one scale per output channel.
 * int4: asymmetric, one scale and offset per group of 32 input weights. This is the layout of
@@ -21,8 +23,10 @@ exactly the fp32 model's math there. (Measured: o_proj in int4 too makes the int
 but moves FASB's TruthfulQA MC1 by -0.012 against fp32, past the 0.01 we hold quantization to;
 bench/README.md.) Embeddings stay as they are (a lookup reads one row).
 
-Compiled by the static runner on CPU, these calls are where inductor may put its own generated
-GEMM kernels instead, chosen by measuring both (server/engine/static_runner.py).
+Compiled by the static runner on CPU, torch's packed calls are where inductor may put its own
+generated GEMM kernels instead, chosen by measuring both (server/engine/static_runner.py); our int4
+kernel stays one opaque call. The static step also fuses q|k|v and gate|up into one quantized
+layer each (`QuantizedLinear.concatenated`, server/engine/static_decode.py).
 
 The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
 prompt's hundreds. Above a row count measured per kernel, a layer dequantizes its weights to bf16

@@ -162,15 +162,15 @@ def _cpu_inductor_options(model: torch.nn.Module) -> dict:
     """Inductor's options for the CPU step: freezing always; with quantized weights, also
     max-autotune over inductor's own C++ GEMM templates and ATen's kernels.
 
-    With int4/int8 weights, a template unpacks the codes inside inductor's GEMM micro-kernel,
-    where torch's packed int4 kernel is a separate call per layer (55 us per call at one row,
-    most of the int4 step); autotuning times both per layer shape and keeps the faster. Measured
-    (README "Runners"): the single-stream int4 step 1.1-1.5x faster. Not for fp32: there templates
-    were ~8% faster at batch 1, ~15% slower at batch 8, with peak RSS 4.4 GB against 2.5 GB
-    (docs/architecture.md). ATen stays a candidate because templates do not take every shape (a
-    tiny model's 32-wide int4 layers). Timing the candidates makes a cold start ~4x longer (~10 min
-    for the default model), and the winner may differ between starts (int4's greedy tokens are
-    checked for agreement, not equality).
+    With int8 weights (the LM head under both methods, every layer under int8) and fp32 `o_proj`,
+    a template can beat ATen's call at a decode step's few rows (int8 head at one row, 1 thread:
+    2.2 ms against 5.8 ms); autotuning times both per layer shape and keeps the faster. int4 layers
+    on our own kernel (server/engine/cpu_kernels.py) are opaque calls and are not tuned; on torch's
+    int4 kernel they are. Not for fp32: there templates were ~8% faster at batch 1, ~15% slower at
+    batch 8, with peak RSS 4.4 GB against 2.5 GB (docs/architecture.md). ATen stays a candidate
+    because templates do not take every shape (a tiny model's 32-wide layers). Timing the
+    candidates makes a cold start longer (README "Runners"), and the winner may differ between
+    starts (quantized greedy tokens are checked for agreement, not equality).
     """
     options = {"freezing": True}
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
