@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "kernels" / "int4_q8_mm.cpp"
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # as _COMPILE_FLAGS targets
 _COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
 
