@@ -67,8 +67,8 @@ class FusedProjections(nn.Module):
         return (issubclass(kind, QuantizedLinear) and all(type(p) is kind for p in parts)
                 and hasattr(mlp, "act_fn") and hasattr(mlp, "down_proj"))
 
-    def project_qkv(self, h: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.qkv(h).split(self.qkv_widths, dim=-1))
+    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.qkv(h).split(self.qkv_widths, dim=-1)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
