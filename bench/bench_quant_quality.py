@@ -7,8 +7,9 @@ divergence from fp32's next-token distribution to the variant's, and whether the
 top token. Then each variant decodes greedily by itself, and the table says how many leading tokens
 equal fp32's (summed over prompts). Variants: bf16 weights (a reference point), `--quantization
 int8` and `int4` (server/engine/quantize.py; int4 on our int4 x int8 kernel where the CPU has it,
-server/engine/cpu_kernels.py), int4 on torch's kernel (bf16 activations), and int4 with an int4
-LM head (why the head stays int8).
+server/engine/cpu_kernels.py), int4 with `o_proj` in int4 too (what the static runner's step runs
+under int4: server/engine/static_decode.py), int4 on torch's kernel (bf16 activations), and int4
+with an int4 LM head (why the head stays int8).
 
     .venv/bin/python bench/bench_quant_quality.py                  # default model, ~3 min on 1 core
     .venv/bin/python bench/bench_quant_quality.py --tokens 24 --prompts 4   # smoke
@@ -44,6 +45,9 @@ PROMPTS = [
 ]
 
 
+STATIC_INT4 = "int4, int4 o_proj (static step)"
+
+
 def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
     if name == "bf16":
         return copy.deepcopy(base).to(torch.bfloat16)
@@ -52,9 +56,12 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
         with mock.patch.object(quantize, "int4_q8_available", lambda: False):
             quantize_weights(model, "int4")
         return model
-    quantize_weights(model, "int4" if name == "int4, int4 head" else name)
+    quantize_weights(model, name if name in ("int8", "int4") else "int4")
     if name == "int4, int4 head":
         model.set_output_embeddings(Int4Linear(base.get_output_embeddings()))
+    if name == STATIC_INT4:
+        for layer in model.get_decoder().layers:
+            layer.self_attn.o_proj = Int4Linear(layer.self_attn.o_proj)
     return model
 
 
@@ -95,7 +102,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=40, help="greedy answer length per prompt")
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--variants", nargs="+", default=["bf16", "int8", "int4", "int4, torch kernel", "int4, int4 head"])
+    p.add_argument("--variants", nargs="+", default=["bf16", "int8", "int4", STATIC_INT4, "int4, torch kernel",
+                                                         "int4, int4 head"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu", dtype="float32")

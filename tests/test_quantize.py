@@ -3,6 +3,7 @@ Q4_1-shaped weights), o_proj untouched (steering and artifact fingerprints read 
 and prefill paths agree, and both runners decode the quantized model alike (steered)."""
 
 import asyncio
+import shutil
 
 import pytest
 import torch
@@ -33,19 +34,20 @@ def test_quantized_linear_is_close_to_the_fp32_layer(cls, bound):
 
 
 def test_int4_gives_back_q4_1_weights_exactly():
-    """Weights that are Q4_1 blocks (w = d * q + m, q in 0..15 per group of 32), as the default model's
-    are, come back unchanged: int4 is their own layout, unlike int8's per-channel scales."""
+    """Weights that are Q4_1 blocks (w = d * q + m, q in 0..15 per group of 32, d and m fp16), as the
+    default model's are, come back unchanged: int4 is their own layout, unlike int8's per-channel scales."""
     torch.manual_seed(0)
     n, k = 48, 128
     codes = torch.randint(0, 16, (n, k // 32, 32)).float()
     codes[..., 0], codes[..., 1] = 0, 15  # every group spans its full range, as a Q4_1 quantizer makes it
-    d = 2.0 ** -torch.randint(4, 8, (n, k // 32, 1)).float()  # bf16-exact scales and offsets
-    m = -d * torch.randint(0, 16, (n, k // 32, 1)).float()
+    d = (torch.rand(n, k // 32, 1) * 0.01 + 1e-3).half().float()
+    m = (-8 * d + torch.randn(n, k // 32, 1) * 0.02).half().float()
     linear = nn.Linear(k, n, bias=False)
     with torch.no_grad():
         linear.weight.copy_((codes * d + m).reshape(n, k))
     quantized = Int4Linear(linear)
-    assert torch.equal(quantized.dequantized().float(), linear.weight)
+    assert torch.equal(quantized.codes(), codes.to(torch.uint8).reshape(n, k))
+    assert torch.equal(quantized.dequantized(torch.float32), linear.weight)
     assert (Int8Linear(linear).dequantized().float() - linear.weight).abs().max() > 0  # int8 rounds them
 
 
@@ -108,12 +110,30 @@ def test_quantize_keeps_o_proj_and_the_artifact_fingerprint(tiny_model_dir, meth
     assert model_fingerprint(model, [0, 1]) == before
 
 
+def _q4_1_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with every decoder-layer weight rounded to Q4_1 blocks, as the default model's are,
+    so that int4 represents them exactly (test_int4_gives_back_q4_1_weights_exactly)."""
+    folder = tmp_path / "q4_1"
+    shutil.copytree(tiny_model_dir, folder)
+    model = load_model(str(tiny_model_dir)).model
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for linear in (m for m in layer.modules() if type(m) is nn.Linear):
+                linear.weight.copy_(Int4Linear(linear).dequantized(torch.float32))
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 async def test_both_runners_decode_the_quantized_model_alike(tiny_model_dir, tmp_path, method):
-    artifact = write_synthetic_artifact(load_model(str(tiny_model_dir)).model, tmp_path, heads=4, seed=1)
+    """int8: both runners run the same layers. int4: the static step also reads o_proj as int4
+    (server/engine/static_decode.py), the hf runner in fp32: on Q4_1 weights (the default model's) the
+    same weights, only o_proj's activations coded in ~15 bits instead of fp32's 24. The same tokens."""
+    model_dir = _q4_1_model_dir(tiny_model_dir, tmp_path) if method == "int4" else tiny_model_dir
+    artifact = write_synthetic_artifact(load_model(str(model_dir)).model, tmp_path, heads=4, seed=1)
     results = {}
     for runner in ("hf", "static"):
-        engine = Engine(Settings(model=str(tiny_model_dir), artifacts=[str(artifact)], runner=runner, compile=False,
+        engine = Engine(Settings(model=str(model_dir), artifacts=[str(artifact)], runner=runner, compile=False,
                                  quantization=method, max_batch_size=4))
         await engine.start()
         try:

@@ -7,13 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.prefill import PrefillGroup
-from server.engine.quantize import quantize_weights
+from server.engine.quantize import Int4Linear, quantize_weights
 from server.engine.runner import HFRunner
 from server.engine.static_decode import FusedProjections
 from server.engine.static_runner import StaticRunner, _cpu_inductor_options, batch_buckets
@@ -206,7 +207,15 @@ def test_fused_projections_give_the_steps_of_the_models_own(kind, method, monkey
                 monkeypatch.setattr(FusedProjections, "applies", staticmethod(lambda layer: False))
             runner = StaticRunner(model, taps, max_rows=2, max_len=32, compile=False)
             assert len(runner.decoder.fused) == (len(model.model.layers) if fuse else 0)
-            join(model, runner, [a, b])
+            join(model, runner, [a, b])  # prefill: the model's own modules
+            if fuse:  # under int4 an int4 copy of o_proj; the model keeps its own (steering reads it)
+                step_o_projs = [runner.decoder.fused[str(i)].o_proj for i in range(len(model.model.layers))]
+                assert all(type(layer.self_attn.o_proj) is nn.Linear for layer in model.model.layers)
+                want = Int4Linear if method == "int4" else nn.Linear
+                assert all(type(o_proj) is want for o_proj in step_o_projs)
+            else:  # the layers' own step with the fused step's o_proj
+                for layer, o_proj in zip(model.model.layers, step_o_projs):
+                    monkeypatch.setattr(layer.self_attn, "o_proj", o_proj)
             runner.set_rows(steer, True)
             results.append(runner.decode([a[-1], b[-1]], [len(a) - 1, len(b) - 1]))
     finally:

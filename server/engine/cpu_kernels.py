@@ -58,23 +58,23 @@ def int4_q8_available() -> bool:
         return False
 
     @torch.library.register_fake("fasb_kernels::int4_q8_mm")
-    def _(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    def _(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=torch.float32)
 
     log.info("int4 layers run on our int4 x int8 VNNI kernel (server/engine/kernels/int4_q8_mm.cpp)")
     return True
 
 
-def int4_q8_layout(codes: torch.Tensor, scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [N, K] uint8 (0..15), scale_zero [K/32, N, 2] bf16 -> the kernel's (packed, scale_zero)
-    (layouts: kernels/int4_q8_mm.cpp). N must be a multiple of 16, K of 32."""
+def int4_q8_layout(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] uint8 (0..15), scale_min [K/32, N, 2] fp16 (w = q * scale + min) -> the kernel's
+    (packed, scale_min) (layouts: kernels/int4_q8_mm.cpp). N must be a multiple of 16, K of 32."""
     n, k = codes.shape
     steps = codes.reshape(n // 16, 16, k // 8, 2, 4)  # [block, row, k-step, low/high half, 4 codes]
     packed = (steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
-    blocked = scale_zero.reshape(k // 32, n // 16, 16, 2).permute(1, 0, 3, 2)  # [block, group, scale/zero, row]
+    blocked = scale_min.reshape(k // 32, n // 16, 16, 2).permute(1, 0, 3, 2)  # [block, group, scale/min, row]
     return packed.contiguous(), blocked.contiguous()
 
 
-def int4_q8_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+def int4_q8_mm(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) -> x @ W.T [M, N] in fp32."""
-    return torch.ops.fasb_kernels.int4_q8_mm(x, packed, scale_zero)
+    return torch.ops.fasb_kernels.int4_q8_mm(x, packed, scale_min)

@@ -83,8 +83,8 @@ class QuantizedLinear(nn.Module):
         """x [M, K] in the model's dtype -> [M, N] (bf16 or fp32, as the kernel gives it)."""
         raise NotImplementedError
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight [N, K] in bf16."""
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The weight [N, K] (bf16 for the prefill's GEMM)."""
         raise NotImplementedError
 
     @classmethod
@@ -131,8 +131,8 @@ class Int8Linear(QuantizedLinear):
         """The device-neutral form (CUDA): compiled, the cast fuses into the matmul's weight loads."""
         return F.linear(x, self.qweight.to(x.dtype)) * self.scale
 
-    def dequantized(self) -> torch.Tensor:
-        return self.qweight.to(torch.bfloat16) * self.scale[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
 
     def join_buffers(self, parts: list[QuantizedLinear]) -> None:
         self.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
@@ -140,10 +140,12 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """int4 weights, asymmetric, one bf16 scale and offset per group of `GROUP` input weights.
+    """int4 weights, asymmetric, per group of `GROUP` input weights: w = q * scale + min, q in 0..15.
 
-    w = (q - 8) * scale + zero with q in 0..15 (the packed kernel's convention). The codes are
-    chosen against the bf16-rounded scale and offset, so rounding them costs no extra error.
+    GGUF's Q4_1, with its fp16 scale and min, so a weight that came from a Q4_1 file (the default
+    model's, server/engine/loader.py) is represented exactly: the codes and both fp16 numbers come
+    back as they were. Our CPU kernel reads them so; torch's int4 kernels (CPU without VNNI, CUDA)
+    take w = (q - 8) * scale + zero in bf16, derived from these and rounded (~3 significant digits).
     """
 
     GROUP = 32
@@ -156,36 +158,39 @@ class Int4Linear(QuantizedLinear):
         n, k = self.out_features, self.in_features
         groups = linear.weight.detach().float().reshape(n, k // self.GROUP, self.GROUP)
         low, high = groups.amin(dim=2), groups.amax(dim=2)  # [N, K/G]
-        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16)
-        zero = (low + 8 * scale.float()).to(torch.bfloat16)
-        codes = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
-        codes = codes.to(torch.uint8).reshape(n, k)
-        scale_zero = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # [K/G, N, 2]
-        self._store(codes, scale_zero)
+        scale = ((high - low) / 15).to(torch.float16).clamp(min=2**-24)  # >= fp16's smallest step: never 0
+        minimum = low.to(torch.float16)
+        codes = ((groups - minimum.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
+        scale_min = torch.stack([scale, minimum], dim=2).transpose(0, 1).contiguous()  # [K/G, N, 2]
+        self._store(codes.to(torch.uint8).reshape(n, k), scale_min)
 
-    def _store(self, codes: torch.Tensor, scale_zero: torch.Tensor) -> None:
+    def _store(self, codes: torch.Tensor, scale_min: torch.Tensor) -> None:
         # The decode kernel's own layout (ours on a CPU that has it, decided here, on the weights'
-        # device), and the codes two per byte (with scale_zero) for dequantizing and `concatenated`.
+        # device), and the codes two per byte (with scale_min) for dequantizing and `concatenated`.
         self.own_kernel = codes.device.type == "cpu" and int4_q8_available()
         if self.own_kernel:
-            packed, kernel_scale_zero = int4_q8_layout(codes, scale_zero)
-            self.register_buffer("kernel_scale_zero", kernel_scale_zero)
+            packed, kernel_scale_min = int4_q8_layout(codes, scale_min)
+            self.register_buffer("kernel_scale_min", kernel_scale_min)
         else:
             packed = self._kernel_layout(codes)
+            scale, minimum = scale_min.float().unbind(dim=2)
+            self.register_buffer("scale_zero", torch.stack([scale, minimum + 8 * scale], dim=2).to(torch.bfloat16))
         self.register_buffer("packed", packed)
         self.register_buffer("nibbles", codes[:, 0::2] | (codes[:, 1::2] << 4))  # [N, K/2]
-        self.register_buffer("scale_zero", scale_zero)
+        self.register_buffer("scale_min", scale_min)
 
     def codes(self) -> torch.Tensor:
         """The codes [N, K], 0..15."""
         return torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=2).reshape(self.out_features, self.in_features)
 
     def join_buffers(self, parts: list[QuantizedLinear]) -> None:
-        self._store(torch.cat([p.codes() for p in parts]), torch.cat([p.scale_zero for p in parts], dim=1))
+        self._store(torch.cat([p.codes() for p in parts]), torch.cat([p.scale_min for p in parts], dim=1))
 
     @staticmethod
     def supports(linear: nn.Linear) -> bool:
-        return linear.in_features % Int4Linear.GROUP == 0 and linear.out_features % 16 == 0
+        """Shapes the kernels take, and weights inside fp16's range (its scales and mins)."""
+        return (linear.in_features % Int4Linear.GROUP == 0 and linear.out_features % 16 == 0
+                and bool(linear.weight.detach().abs().amax() < 6e4))
 
     @staticmethod
     def _kernel_layout(codes: torch.Tensor) -> torch.Tensor:
@@ -200,17 +205,17 @@ class Int4Linear(QuantizedLinear):
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.own_kernel:  # activations as int8 parts, integer dot products (cpu_kernels.py)
-            return int4_q8_mm(x, self.packed, self.kernel_scale_zero)
+            return int4_q8_mm(x, self.packed, self.kernel_scale_min)
         x = x.to(torch.bfloat16)
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scale_zero)
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.GROUP, self.scale_zero)
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         codes = self.codes().reshape(n, k // self.GROUP, self.GROUP)
-        scale, zero = self.scale_zero.transpose(0, 1).unbind(dim=2)  # [N, K/G] each
-        return ((codes.to(torch.bfloat16) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+        scale, minimum = self.scale_min.float().transpose(0, 1).unbind(dim=2)  # [N, K/G] each
+        return (codes * scale[..., None] + minimum[..., None]).reshape(n, k).to(dtype)
 
 
 def _quantized(linear: nn.Module, method: str) -> nn.Module:

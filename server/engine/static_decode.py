@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.quantize import QuantizedLinear
+from server.engine.quantize import Int4Linear, QuantizedLinear
 from server.engine.static_cache import StaticKVCache
 
 
@@ -38,7 +38,8 @@ def _rope_function(layer: nn.Module) -> Callable:
 
 
 class FusedProjections(nn.Module):
-    """A decoder layer's q|k|v and gate|up projections as one quantized matmul each.
+    """A decoder layer's q|k|v and gate|up projections as one quantized matmul each, and under int4
+    an int4 copy of its `o_proj`.
 
     Why: with quantized weights a decode step's matmuls are small and each is a separate kernel
     call with its own fixed cost (and, at 2 threads, its own split of the work): fused, a layer
@@ -46,6 +47,11 @@ class FusedProjections(nn.Module):
     (the same codes and scales, so the products are the same sums); only the static step uses it —
     prefill and the hf runner keep the model's own modules. Not for fp32 weights, where the static
     runner's tokens are held equal to the hf runner's.
+
+    `o_proj`: the model keeps its fp32 `o_proj` (steering vectors, artifact fingerprints and the
+    prefill read it); the step reads an int4 copy, 1/6 of its bytes. On the default model that copy
+    is exact (its o_proj ships as Q4_1, which Int4Linear represents exactly), and the probes read
+    o_proj's input and the steering vector is added to its output, so neither depends on the copy.
     """
 
     def __init__(self, layer: nn.Module):
@@ -56,6 +62,9 @@ class FusedProjections(nn.Module):
         self.qkv_widths = [p.out_features for p in parts]
         self.gate_up = type(mlp.gate_proj).concatenated([mlp.gate_proj, mlp.up_proj])
         self.act_fn, self.down_proj = mlp.act_fn, mlp.down_proj
+        own = attn.o_proj
+        as_int4 = type(attn.q_proj) is Int4Linear and type(own) is nn.Linear and Int4Linear.supports(own)
+        self.o_proj = Int4Linear(own) if as_int4 else own
 
     @staticmethod
     def applies(layer: nn.Module) -> bool:
@@ -105,7 +114,8 @@ def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callabl
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
     head_acts = out.reshape(S, heads * D)  # head h = kv * G + g, as o_proj expects
     # .forward, not attn.o_proj(...): o_proj's tap hooks belong to the hf runner
-    x = x + (attn.o_proj.forward(head_acts) + steer)[:, None, :]
+    o_proj = fused.o_proj if fused is not None else attn.o_proj
+    x = x + (o_proj.forward(head_acts) + steer)[:, None, :]
     mlp = fused.mlp if fused is not None else layer.mlp
     x = x + mlp(layer.post_attention_layernorm(x))
     return x, head_acts

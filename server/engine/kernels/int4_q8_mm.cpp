@@ -1,12 +1,13 @@
 // int4 weights x activations in two int8 parts, on AVX-512 VNNI: the decode-step matmul of
 // `Int4Linear` on CPU (server/engine/quantize.py; built and loaded by server/engine/cpu_kernels.py).
 //
-// y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / 32.
+// y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / 32: GGUF's
+// Q4_1, scale and min in fp16 as there, so the default model's shipped weights are represented exactly.
 // Each group of 32 activations is written as x ~ d * (254 * hi + lo) with hi and lo int8
 // (d = max|x| / 127 / 254: ~15 bits per activation, finer than bf16's 8), so a group's product is
 // integer work for VPDPBUSD (unsigned codes times signed bytes, 4 at a time):
-//   sum_k w x  ~  scale * d * (sum q a - 8 sum a) + zero * sum x,   a = 254 * hi + lo
-// (the zero term uses the exact sum of x). llama.cpp runs the same Q4_1 weights with one int8 part
+//   sum_k w x  ~  scale * d * sum q a + min * sum x,   a = 254 * hi + lo
+// (the min term uses the exact sum of x). llama.cpp runs the same Q4_1 weights with one int8 part
 // (x ~ d * a): 2x less integer work, but on this model 2.6x torch's teacher-forced KL to fp32;
 // two parts are as close as bf16 activations. Unpacking int4 to floats for every product, as torch's
 // and inductor's kernels do, is 2-3x slower per matmul in isolation; inside the decode step, where
@@ -16,7 +17,7 @@
 // and a group needs no horizontal sums:
 //   packed     [N/16, K/8, 64] uint8: rows 16b..16b+15, k-step j (k = 8j..8j+7): byte 4r+t holds
 //              code(16b+r, 8j+t) in its low nibble and code(16b+r, 8j+4+t) in its high one;
-//   scale_zero [N/16, K/32, 2, 16] bf16: per group, the 16 rows' scales, then their offsets.
+//   scale_min  [N/16, K/32, 2, 16] fp16: per group, the 16 rows' scales, then their minimums.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -34,14 +35,13 @@ struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + 
   std::vector<int8_t> lo;  // [M, K]: the rounding error of hi, in steps of d
   std::vector<float> d;    // [M, G] scale of each group (the low part's step)
   std::vector<float> sum;  // [M, G] exact sum of each group's activations
-  std::vector<float> off;  // [M, G] -8 * d * sum(254 hi + lo): the codes' offset of 8, folded in
   int64_t K, G;
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t G = K / 32;
   QuantizedRows q{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * G),
-                  std::vector<float>(M * G), std::vector<float>(M * G), K, G};
+                  std::vector<float>(M * G), K, G};
   const __m512 sign = _mm512_set1_ps(-0.f), steps = _mm512_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t i = 0; i < M * G; ++i) {  // one group of 32 = two vectors of 16
@@ -49,31 +49,25 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
     const float step = amax / 127.f / kLowSteps;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 1.f / step : 0.f);
-    __m512i total = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       const __m512 v = _mm512_mul_ps(h ? x1 : x0, inv);  // in steps of d: |v| <= 127 * 254
       const __m512 hi = _mm512_roundscale_ps(_mm512_div_ps(v, steps), kNearest);
       const __m512 lo = _mm512_roundscale_ps(_mm512_fnmadd_ps(hi, steps, v), kNearest);  // |lo| <= 127
-      const __m512i hi32 = _mm512_cvtps_epi32(hi), lo32 = _mm512_cvtps_epi32(lo);
-      _mm_storeu_si128((__m128i*)(q.hi.data() + i * 32 + 16 * h), _mm512_cvtsepi32_epi8(hi32));
-      _mm_storeu_si128((__m128i*)(q.lo.data() + i * 32 + 16 * h), _mm512_cvtsepi32_epi8(lo32));
-      total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_mullo_epi32(hi32, _mm512_set1_epi32(254)), lo32));
+      _mm_storeu_si128((__m128i*)(q.hi.data() + i * 32 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(hi)));
+      _mm_storeu_si128((__m128i*)(q.lo.data() + i * 32 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(lo)));
     }
     q.d[i] = step;
     q.sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
-    q.off[i] = -8.f * step * static_cast<float>(_mm512_reduce_add_epi32(total));
   }
   return q;
 }
 
-inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+inline __m512 load_fp16x16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
 // One weight block (16 output rows) for activation rows m..m+MB-1: a group's codes are unpacked
 // once and used for every row.
 template <int MB>
-void block_rows(const uint8_t* w, const uint16_t* sz, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
+void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[MB];
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
@@ -84,7 +78,7 @@ void block_rows(const uint8_t* w, const uint16_t* sz, const QuantizedRows& x, in
       codes[2 * j] = _mm512_and_si512(v, low4);
       codes[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     }
-    const __m512 scale = load_bf16x16(sz + g * 32), zero = load_bf16x16(sz + g * 32 + 16);
+    const __m512 scale = load_fp16x16(sm + g * 32), minimum = load_fp16x16(sm + g * 32 + 16);
     for (int r = 0; r < MB; ++r) {
       const int64_t rg = (m + r) * x.G + g;
       const int32_t* hi4 = reinterpret_cast<const int32_t*>(x.hi.data() + rg * 32);  // 8 steps of 4
@@ -99,34 +93,34 @@ void block_rows(const uint8_t* w, const uint16_t* sz, const QuantizedRows& x, in
       // |254 * hi + lo| <= 254 * 32 * 15 * 127 + 32 * 15 * 127, about 2^30: inside int32
       const __m512i both = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(hi[0], hi[1]), _mm512_set1_epi32(254)),
                                             _mm512_add_epi32(lo[0], lo[1]));
-      const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), _mm512_set1_ps(x.d[rg]), _mm512_set1_ps(x.off[rg]));
-      acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(x.sum[rg]), _mm512_fmadd_ps(scale, dot, acc[r]));
+      const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(both), _mm512_set1_ps(x.d[rg]));
+      acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x.sum[rg]), _mm512_fmadd_ps(scale, dot, acc[r]));
     }
   }
   for (int r = 0; r < MB; ++r) _mm512_storeu_ps(out + (m + r) * N, acc[r]);
 }
 
-at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero) {
+at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, "int4_q8_mm: bad shapes");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_zero.scalar_type() == at::kBFloat16, "int4_q8_mm: bad dtypes");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kHalf, "int4_q8_mm: bad dtypes");
   const auto xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), blocks = packed.size(0), N = blocks * 16;
-  TORCH_CHECK(K % 32 == 0 && packed.size(1) == K / 8 && scale_zero.numel() == N * (K / 32) * 2,
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) == K / 8 && scale_min.numel() == N * (K / 32) * 2,
               "int4_q8_mm: weights do not match K");
   auto out = at::empty({M, N}, xf.options());
   const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K);
-  const auto packed_c = packed.contiguous(), scale_zero_c = scale_zero.contiguous();
+  const auto packed_c = packed.contiguous(), scale_min_c = scale_min.contiguous();
   const uint8_t* w = packed_c.data_ptr<uint8_t>();
-  const auto* sz = reinterpret_cast<const uint16_t*>(scale_zero_c.data_ptr<at::BFloat16>());
+  const auto* sm = reinterpret_cast<const uint16_t*>(scale_min_c.data_ptr<at::Half>());
   float* y = out.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = w + b * (K / 8) * 64;
-      const uint16_t* szb = sz + b * (K / 32) * 32;
+      const uint16_t* smb = sm + b * (K / 32) * 32;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_rows<4>(wb, szb, q, m, y + b * 16, N);
-      for (; m + 2 <= M; m += 2) block_rows<2>(wb, szb, q, m, y + b * 16, N);
-      for (; m < M; ++m) block_rows<1>(wb, szb, q, m, y + b * 16, N);
+      for (; m + 4 <= M; m += 4) block_rows<4>(wb, smb, q, m, y + b * 16, N);
+      for (; m + 2 <= M; m += 2) block_rows<2>(wb, smb, q, m, y + b * 16, N);
+      for (; m < M; ++m) block_rows<1>(wb, smb, q, m, y + b * 16, N);
     }
   });
   return out;
@@ -135,7 +129,7 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::T
 }  // namespace
 
 TORCH_LIBRARY(fasb_kernels, m) {
-  m.def("int4_q8_mm(Tensor x, Tensor packed, Tensor scale_zero) -> Tensor");
+  m.def("int4_q8_mm(Tensor x, Tensor packed, Tensor scale_min) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fasb_kernels, CPU, m) {
