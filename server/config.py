@@ -25,8 +25,9 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(True, description="static runner: compile the decode step with torch.compile at start")
     quantization: Literal["none", "int8", "int4"] = Field(
-        "none", description="int8 | int4: weight-only quantized linear layers (CPU and CUDA; not o_proj, which "
-        "steering reads); int4 uses Q4_1's layout (groups of 32), the default model's own, and is the closer to fp32"
+        "none", description="int8 | int4: weight-only quantized linear layers (CPU and CUDA; the model's o_proj, "
+        "which steering reads, stays as loaded); int4 is Q4_1 (groups of 32, fp16 scale and min), the default "
+        "model's own format, exact on it"
     )
 
     # http

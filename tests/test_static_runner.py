@@ -225,12 +225,17 @@ def test_fused_projections_give_the_steps_of_the_models_own(kind, method, monkey
     torch.testing.assert_close(fused_taps, own_taps, rtol=0, atol=1e-5)
 
 
-def test_cpu_compile_uses_matmul_templates_only_for_quantized_weights(tiny_model_dir):
+def test_cpu_compile_autotunes_matmuls_only_for_quantized_weights(tiny_model_dir):
+    # Inductor's GEMM templates compete with torch's quantized kernels (the int8 head under both);
+    # fp32 is not autotuned.
     model = load_model(str(tiny_model_dir)).model
-    assert _cpu_inductor_options(model) == {"freezing": True}
-    quantize_weights(model, "int4")
-    options = _cpu_inductor_options(model)
+    assert _cpu_inductor_options(model) == {"freezing": True, "cpp_wrapper": True}
+    int8 = load_model(str(tiny_model_dir)).model
+    quantize_weights(int8, "int8")
+    options = _cpu_inductor_options(int8)
     assert options["freezing"] and options["max_autotune"] and options["max_autotune_gemm_backends"] == "CPP,ATEN"
+    quantize_weights(model, "int4")
+    assert _cpu_inductor_options(model)["max_autotune"]
 
 
 @torch.inference_mode()

@@ -10,18 +10,19 @@ AVX-512 VNNI runs on our own kernel instead (server/engine/cpu_kernels.py: integ
 on activations coded as two int8 parts, 2-3x faster, and closer to fp32 than bf16 activations).
 
 * int8: symmetric, one scale per output channel.
-* int4: asymmetric, one scale and offset per group of 32 input weights. This is the layout of
-  GGUF's Q4_1, which the default model ships in (its fp32 weights are dequantized Q4_1 blocks:
-  server/engine/loader.py), so int4 gives back the shipped weights up to bf16 rounding of the
-  group scales — closer to the fp32 model than int8's per-channel scales.
+* int4: asymmetric, one fp16 scale and minimum per group of 32 input weights. This is GGUF's
+  Q4_1, which the default model ships in (its fp32 weights are dequantized Q4_1 blocks:
+  server/engine/loader.py), so int4 gives back the shipped weights exactly — far closer to the
+  fp32 model than int8's per-channel scales.
 
 What is quantized: every decoder layer's q/k/v projections and MLP, and the LM head (int8 under
-both methods, see `quantize_weights`). Not the attention output projection (`o_proj`): its weights
-are what the steering vectors are computed from and what artifacts fingerprint
-(server/steering/artifact.py), and the probes read its input, so steering and monitoring see
-exactly the fp32 model's math there. (Measured: o_proj in int4 too makes the int4 step ~15% faster
-but moves FASB's TruthfulQA MC1 by -0.012 against fp32, past the 0.01 we hold quantization to;
-bench/README.md.) Embeddings stay as they are (a lookup reads one row).
+both methods, see `quantize_weights`). Not the model's attention output projection (`o_proj`):
+its weights are what the steering vectors are computed from and what artifacts fingerprint
+(server/steering/artifact.py), so they stay as loaded, and prefill and the hf runner use them.
+Under int4 the static runner's decode step reads an int4 copy of each `o_proj` instead
+(server/engine/static_decode.py: exact on the default model; the probes read o_proj's input and
+the steering vectors are added to its output, so neither depends on it). Embeddings stay as they
+are (a lookup reads one row).
 
 Compiled by the static runner on CPU, torch's packed calls are where inductor may put its own
 generated GEMM kernels instead, chosen by measuring both (server/engine/static_runner.py); our int4
@@ -247,7 +248,7 @@ def quantize_weights(model: nn.Module, method: str) -> None:
     if isinstance(model.get_output_embeddings(), nn.Linear):
         # A tied LM head gets its own quantized copy; the embedding keeps the original for lookups.
         # int8 even under int4: the head decides the next token among 49k and int4 moves it too
-        # much (teacher-forced KL to fp32 on the default model: int4 head 0.047, int8 head 0.0022;
+        # much (teacher-forced KL to fp32 on the default model: int4 head 0.050, int8 head 0.0012;
         # the default model ships its embedding/head as Q8_0, groups of 32 int8).
         model.set_output_embeddings(Int8Linear(model.get_output_embeddings()))
     after = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

@@ -159,21 +159,28 @@ class StaticRunner:
 
 
 def _cpu_inductor_options(model: torch.nn.Module) -> dict:
-    """Inductor's options for the CPU step: freezing always; with quantized weights, also
-    max-autotune over inductor's own C++ GEMM templates and ATen's kernels.
+    """Inductor's options for the CPU step: freezing and a C++ wrapper always; with weights on
+    torch's quantized kernels, also max-autotune over inductor's own C++ GEMM templates and ATen's.
 
-    With int8 weights (the LM head under both methods, every layer under int8) and fp32 `o_proj`,
-    a template can beat ATen's call at a decode step's few rows (int8 head at one row, 1 thread:
-    2.2 ms against 5.8 ms); autotuning times both per layer shape and keeps the faster. int4 layers
-    on our own kernel (server/engine/cpu_kernels.py) are opaque calls and are not tuned; on torch's
-    int4 kernel they are. Not for fp32: there templates were ~8% faster at batch 1, ~15% slower at
+    `cpp_wrapper`: the compiled graph calls its kernels from generated C++ instead of Python, which
+    takes ~1 ms of Python per step off (measured side by side, 1 thread, median of 3-4 rounds: int4
+    13.3 -> 12.1 ms/step at batch 1, 30.0 -> 27.5 at batch 8; fp32 40.8 -> 38.0 and 74.8 -> 72.5),
+    the same tokens, for a longer first compile (int4 +23 s, fp32 +65 s; cached afterwards).
+
+    With int8 weights (the LM head under both methods, every layer under int8) a template can beat
+    ATen's call at a decode step's few rows (int8 head at one row, 1 thread: 2.2 ms against
+    5.8 ms; an int8 head on a VNNI kernel of our own, Q8_0 groups, was 3-8% slower per step than
+    this); autotuning times both per layer shape and keeps the faster. int4 layers on our own
+    kernel (server/engine/cpu_kernels.py) are opaque calls with nothing to tune; on torch's int4
+    kernel they are tuned. Not for fp32: there templates were ~8% faster at batch 1, ~15% slower at
     batch 8, with peak RSS 4.4 GB against 2.5 GB (docs/architecture.md). ATen stays a candidate
     because templates do not take every shape (a tiny model's 32-wide layers). Timing the
     candidates makes a cold start longer (README "Runners"), and the winner may differ between
     starts (quantized greedy tokens are checked for agreement, not equality).
     """
-    options = {"freezing": True}
-    if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+    options = {"freezing": True, "cpp_wrapper": True}
+    if any(isinstance(module, QuantizedLinear) and not getattr(module, "own_kernel", False)
+           for module in model.modules()):
         options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
                        # autotuning writes each layer's timings to stderr: hundreds of lines in the log
                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
