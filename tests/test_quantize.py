@@ -96,6 +96,21 @@ def test_decode_kernel_and_prefill_gemm_agree(cls):
     assert torch.allclose(many, few, atol=0.05, rtol=0.02)  # bf16 activations, different accumulation
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_prompt_rows_dequantize_the_weights_once(cls):
+    """Dequantizing cost ~7x the GEMM itself (quantize.py): the bf16 weights are made by the first
+    call with many rows and reused, unchanged, by the next."""
+    torch.manual_seed(0)
+    layer = cls(nn.Linear(128, 64, bias=True))
+    x = torch.randn(cls.kernel_max_rows + 8, 128)
+    layer(x[:1])
+    assert layer._gemm_weight is None  # decode-sized calls never make it
+    first = layer(x)
+    kept = layer._gemm_weight
+    assert kept is not None and torch.equal(kept, layer.dequantized())
+    assert torch.equal(layer(x), first) and layer._gemm_weight is kept
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantize_keeps_o_proj_and_the_artifact_fingerprint(tiny_model_dir, method):
     model = load_model(str(tiny_model_dir)).model

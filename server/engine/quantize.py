@@ -30,8 +30,11 @@ kernel stays one opaque call. The static step also fuses q|k|v and gate|up into 
 layer each (`QuantizedLinear.concatenated`, server/engine/static_decode.py).
 
 The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
-prompt's hundreds. Above a row count measured per kernel, a layer dequantizes its weights to bf16
-and runs a GEMM (once per prefill call and layer, never per decode step).
+prompt's hundreds. Above a row count measured per kernel, a layer runs a bf16 GEMM on its weights
+dequantized to bf16, kept after the first such call: dequantizing took ~7x the GEMM itself (a
+1536x576 layer, 77 rows, 1 thread: 2.2 ms against 0.3 ms), so doing it per prompt made int4's
+time to first token ~1.6x fp32's. The copy costs 2 bytes per weight, only in layers that prefill
+(the static step's fused copies never do).
 
 On CUDA the same layouts run on CUDA kernels: int4 on torch's tinygemm kernel
 (`aten._weight_int4pack_mm`, bf16 activations, the same scale/offset convention, its own packing),
@@ -69,6 +72,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._gemm_weight: torch.Tensor | None = None  # bf16, made by the first call above kernel_max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
@@ -76,7 +80,9 @@ class QuantizedLinear(nn.Module):
         if flat.shape[0] <= self.kernel_max_rows:
             out = self.packed_matmul(flat)
         else:
-            out = F.linear(flat.to(torch.bfloat16), self.dequantized())
+            if self._gemm_weight is None:
+                self._gemm_weight = self.dequantized()
+            out = F.linear(flat.to(torch.bfloat16), self._gemm_weight)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
@@ -95,6 +101,7 @@ class QuantizedLinear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        fused._gemm_weight = None
         fused.bias = None
         some_bias = next((p.bias for p in parts if p.bias is not None), None)
         if some_bias is not None:  # Qwen2's q/k/v have biases
@@ -112,7 +119,8 @@ class Int8Linear(QuantizedLinear):
 
     # Measured for a 576x1536 layer, 1 thread (best of 5): packed 0.07 / 0.46 / 0.84 / 1.98 ms at
     # 1 / 8 / 16 / 32 rows, dequantize + bf16 GEMM ~1.3-1.5 ms up to 32 rows and 1.9 ms at 256
-    # (packed: 10.6 ms); the crossover is near 24 rows.
+    # (packed: 10.6 ms); the crossover is near 24 rows. (Measured dequantizing per call; with the
+    # kept bf16 copy the GEMM is cheaper, so 16 is on the safe side.)
     kernel_max_rows = 16
 
     def __init__(self, linear: nn.Linear):
@@ -150,9 +158,10 @@ class Int4Linear(QuantizedLinear):
     """
 
     GROUP = 32
-    # Measured for a 1536x576 layer, 1 thread: packed 0.07 / 0.26 / 0.46 / 1.7 ms at 1 / 8 / 16 /
-    # 64 rows; unpacking the codes + bf16 GEMM ~1.9-2.0 ms at 16-64 rows: the crossover is near 64.
-    kernel_max_rows = 64
+    # A whole int4 model's prompt forward, kernel vs the kept bf16 weights' GEMM (ms, 1 / 2 threads,
+    # our kernel): 16 rows 93 / 64 vs 103 / 76; 24 rows 120 / 71 vs 122 / 90; 32 rows 142 / 90 vs
+    # 132 / 93; 64 rows 233 / 152 vs 174 / 127. (Dequantizing per call, as before, put it at 64.)
+    kernel_max_rows = 24
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
