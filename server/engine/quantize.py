@@ -34,7 +34,8 @@ prompt's hundreds. Above a row count measured per kernel, a layer runs a bf16 GE
 dequantized to bf16, kept after the first such call: dequantizing took ~7x the GEMM itself (a
 1536x576 layer, 77 rows, 1 thread: 2.2 ms against 0.3 ms), so doing it per prompt made int4's
 time to first token ~1.6x fp32's. The copy costs 2 bytes per weight, only in layers that prefill
-(the static step's fused copies never do).
+(the static step's fused copies never do), and only on CPU: on CUDA dequantizing is cheap next to
+the GEMM and memory is what int4 is for.
 
 On CUDA the same layouts run on CUDA kernels: int4 on torch's tinygemm kernel
 (`aten._weight_int4pack_mm`, bf16 activations, the same scale/offset convention, its own packing),
@@ -80,11 +81,19 @@ class QuantizedLinear(nn.Module):
         if flat.shape[0] <= self.kernel_max_rows:
             out = self.packed_matmul(flat)
         else:
-            if self._gemm_weight is None:
-                self._gemm_weight = self.dequantized()
-            out = F.linear(flat.to(torch.bfloat16), self._gemm_weight)
+            out = F.linear(flat.to(torch.bfloat16), self._prompt_weight())
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
+
+    def _prompt_weight(self) -> torch.Tensor:
+        """The bf16 weight for a prompt's GEMM: kept on CPU (see the module docstring); on CUDA,
+        where dequantizing is cheap and memory is what int4 saves, made per call."""
+        if self._gemm_weight is not None:
+            return self._gemm_weight
+        weight = self.dequantized()
+        if weight.device.type == "cpu":
+            self._gemm_weight = weight
+        return weight
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] in the model's dtype -> [M, N] (bf16 or fp32, as the kernel gives it)."""
