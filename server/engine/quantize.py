@@ -68,12 +68,13 @@ class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W stored quantized; the matmul on bf16 activations."""
 
     kernel_max_rows: int  # up to this many rows the packed kernel runs; above, dequantize + GEMM
+    own_kernel = False  # whether the packed matmul is our kernel (nothing for inductor to tune)
+    _gemm_weight: torch.Tensor | None = None  # bf16, made by the first CPU call above kernel_max_rows
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._gemm_weight: torch.Tensor | None = None  # bf16, made by the first call above kernel_max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
@@ -110,7 +111,6 @@ class QuantizedLinear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
-        fused._gemm_weight = None
         fused.bias = None
         some_bias = next((p.bias for p in parts if p.bias is not None), None)
         if some_bias is not None:  # Qwen2's q/k/v have biases

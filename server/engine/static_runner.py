@@ -179,8 +179,7 @@ def _cpu_inductor_options(model: torch.nn.Module) -> dict:
     starts (quantized greedy tokens are checked for agreement, not equality).
     """
     options = {"freezing": True, "cpp_wrapper": True}
-    if any(isinstance(module, QuantizedLinear) and not getattr(module, "own_kernel", False)
-           for module in model.modules()):
+    if any(isinstance(module, QuantizedLinear) and not module.own_kernel for module in model.modules()):
         options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
                        # autotuning writes each layer's timings to stderr: hundreds of lines in the log
                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
