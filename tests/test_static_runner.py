@@ -225,6 +225,29 @@ def test_fused_projections_give_the_steps_of_the_models_own(kind, method, monkey
     torch.testing.assert_close(fused_taps, own_taps, rtol=0, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_compiled_step_checks_fewer_guards_after_warm_up_and_still_compiles_what_it_lacks(tiny, caplog):
+    # After the warm-up dynamo checks only the guards that told its graphs apart (static_runner.py);
+    # the rows in the slot order the runner makes still give the uncompiled step's logits, and inputs
+    # no warmed-up graph was built for are compiled on demand, not an error.
+    runner = StaticRunner(tiny, None, max_rows=2, max_len=64, compile=True)
+    eager = StaticRunner(tiny, None, max_rows=2, max_len=64, compile=False)
+    assert runner._skip_guards and not eager._skip_guards
+    a, b = [5, 9, 12, 7, 30], [8, 3]
+    for r in (runner, eager):
+        join(tiny, r, [a, b])
+    assert_close(decode(runner, [a[-1], b[-1]], [4, 1]), decode(eager, [a[-1], b[-1]], [4, 1]))
+    ids = torch.tensor([a[-1], b[-1]], dtype=torch.int32)  # the runner's own ids are int64: no graph for these
+    with caplog.at_level("WARNING", logger="server.engine.static_runner"):
+        logits, _ = runner._call_step(ids, torch.tensor([4, 1]), runner._steer, torch.arange(64))
+    assert "compiling them now" in caplog.text
+    assert_close(logits[0], fresh_logits(tiny, a))
+    assert_close(logits[1], fresh_logits(tiny, b))
+    runner.remove_rows([1])  # row b alone, in slot 1: bucket 2, its row gathered from the step's
+    eager.remove_rows([1])
+    assert_close(decode(runner, [11], [2]), decode(eager, [11], [2]))
+
+
 def test_cpu_compile_autotunes_matmuls_only_for_quantized_weights(tiny_model_dir):
     # Inductor's GEMM templates compete with torch's quantized kernels (the int8 head under both);
     # fp32 is not autotuned.

@@ -55,8 +55,10 @@ class StaticRunner:
         self._steer_shape = (len(tap_layers), config.hidden_size)
         self._steer = torch.zeros(0, *self._steer_shape, dtype=model.dtype, device=model.device)  # [S, taps, hidden]
         self._rows_index = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: row b's slot
+        self._rows_gathered = False  # whether rows must be gathered from the step's (not slots 0..B-1)
         self._capture = False
         self._step = self.decoder
+        self._skip_guards = False  # set once the warm-up has compiled every graph the step needs
         if compile:
             self._compile()
 
@@ -82,6 +84,7 @@ class StaticRunner:
         device = self.model.device
         size = self._bucket()
         self._rows_index = torch.tensor(self.slots, dtype=torch.long, device=device)
+        self._rows_gathered = self.slots != list(range(len(self.slots)))
         self._steer = torch.zeros(size, *self._steer_shape, dtype=self.model.dtype, device=device)
         if steer is not None:
             self._steer[self._rows_index] = steer.to(self._steer.dtype)
@@ -101,7 +104,7 @@ class StaticRunner:
         for slot, token, p in zip(self.slots, inputs, positions):
             ids[slot], pos[slot] = token, p
         logits, taps = self._run(ids, pos, max(positions) + 1)
-        rows = self._rows_index
+        rows = self._rows_index if self._rows_gathered else slice(len(self.slots))  # a view when in order
         return logits[rows], taps[:, rows] if self._capture else None
 
     def _run(self, ids: list[int], pos: list[int], needed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +113,19 @@ class StaticRunner:
         self.cache.ensure_zeroed(width)
         key_pos = torch.arange(width, device=device)
         torch._dynamo.maybe_mark_dynamic(key_pos, 0)  # T grows with the sequences: no recompiles
-        return self._step(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
+        return self._call_step(torch.tensor(ids, device=device), torch.tensor(pos, device=device), self._steer, key_pos)
+
+    def _call_step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._skip_guards:
+            return self._step(*inputs)
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._step(*inputs)
+        except RuntimeError as exc:  # raised before the graph runs: nothing was written yet
+            if "Recompilation triggered" not in str(exc):
+                raise
+            log.warning("the decode step met inputs its warm-up did not compile for; compiling them now")
+            return self._step(*inputs)
 
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
         pass  # the row's length is its next position; the next step overwrites what was dropped
@@ -136,13 +151,21 @@ class StaticRunner:
         if self.model.device.type == "cuda":
             self._step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
             self._warm_up()
-            return
-        self._step = torch.compile(self.decoder, fullgraph=True)
-        # The warm-up compiles every graph the step needs. Inductor's options are read from its
-        # global config when dynamo hands it a graph; torch.compile(options={"freezing": True}) does
-        # not freeze (measured: same speed and memory as without), hence the patch around the warm-up.
-        with torch._inductor.config.patch(_cpu_inductor_options(self.model)):
-            self._warm_up()
+        else:
+            self._step = torch.compile(self.decoder, fullgraph=True)
+            # The warm-up compiles every graph the step needs. Inductor's options are read from its
+            # global config when dynamo hands it a graph; torch.compile(options={"freezing": True}) does
+            # not freeze (measured: same speed and memory as without), hence the patch around the warm-up.
+            with torch._inductor.config.patch(_cpu_inductor_options(self.model)):
+                self._warm_up()
+        # From now on dynamo checks only the guards that told the warmed-up graphs apart (the batch
+        # bucket), not all of them (every weight, buffer and input of the step) on each call: ~1 ms
+        # per step at 2 threads (docs/architecture.md). This rests on torch's condition for it: no
+        # call may need a graph the warm-up did not build. It holds because this runner makes every
+        # input of the step itself, in the dtypes and bucket shapes the warm-up ran, and the model's
+        # weights do not change after load. Inputs the kept guards reject make dynamo raise before
+        # anything runs, and `_call_step` then compiles for them with every guard.
+        self._skip_guards = True
 
     @torch.inference_mode()  # as the scheduler runs it: grad mode is part of the compiled graph's guards
     def _warm_up(self) -> None:
