@@ -59,6 +59,7 @@ class StaticRunner:
         self._capture = False
         self._step = self.decoder
         self._skip_guards = False  # set once the warm-up has compiled every graph the step needs
+        self._inductor_options: dict = {}  # what the step's graphs are compiled with (CPU: _cpu_inductor_options)
         if compile:
             self._compile()
 
@@ -125,7 +126,8 @@ class StaticRunner:
             if "Recompilation triggered" not in str(exc):
                 raise
             log.warning("the decode step met inputs its warm-up did not compile for; compiling them now")
-            return self._step(*inputs)
+            with torch._inductor.config.patch(self._inductor_options):
+                return self._step(*inputs)
 
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
         pass  # the row's length is its next position; the next step overwrites what was dropped
@@ -156,7 +158,8 @@ class StaticRunner:
             # The warm-up compiles every graph the step needs. Inductor's options are read from its
             # global config when dynamo hands it a graph; torch.compile(options={"freezing": True}) does
             # not freeze (measured: same speed and memory as without), hence the patch around the warm-up.
-            with torch._inductor.config.patch(_cpu_inductor_options(self.model)):
+            self._inductor_options = _cpu_inductor_options(self.model)
+            with torch._inductor.config.patch(self._inductor_options):
                 self._warm_up()
         # From now on dynamo checks only the guards that told the warmed-up graphs apart (the batch
         # bucket), not all of them (every weight, buffer and input of the step) on each call: ~1 ms
