@@ -35,9 +35,11 @@ from server.engine.types import (
     StreamMode,
     TokenLogprob,
 )
+from server.steering.types import STEERING_MODES
 
 # Upper bounds on what one request may ask for, so that no value can overflow a tensor or keep the
-# engine busy for ever (README "Limits"). Lengths (max_tokens) are checked against the context.
+# engine busy for ever (docs/operations.md "Reliability"). Lengths (max_tokens) are checked against
+# the context.
 # Every choice (n per prompt) takes a place in the engine's queue, so `--max-queue` is the real
 # limit on n x prompts (server/api/deps.py check_choices); these caps only bound the request itself.
 MAX_CHOICES = 128  # OpenAI's own cap on n
@@ -46,7 +48,7 @@ MAX_PROMPTS = 128  # prompts in one /v1/completions request
 # per token, one automaton step per character of the longest string plus one substring search per
 # string; the automaton takes memory and build time in proportion to the total characters. 16
 # strings of 256 characters: ~0.1 ms per token, worst inputs included, ~1 MB and ~10 ms once per
-# request (bench/bench_stops.py; README "Limits").
+# request (bench/bench_stops.py; docs/operations.md "Reliability").
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_TOKENS = 2**31 - 1
@@ -98,7 +100,7 @@ class SteeringRequest(RequestModel):
     # A typo in a steering knob must not silently fall back to a default: 400 naming the key.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    mode: SteeringMode | None = Field(None, description="off | monitor | always | fasb")
+    mode: SteeringMode | None = Field(None, description=" | ".join(STEERING_MODES))
     behavior: str | None = Field(None, description="which loaded artifact steers (see /v1/models)")
     alpha: float | None = Field(None, ge=0, le=MAX_ALPHA, description="steering strength")
     threshold: float | None = Field(None, ge=0, le=1, description="backtrack when P(desired) falls below it")
@@ -181,7 +183,7 @@ class JsonSchemaFormat(RequestModel):
     description: str | None = None
     # `schema` would shadow a BaseModel attribute: stored as json_schema, sent and read as "schema".
     json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None  # the schema is always enforced (README "Structured output")
+    strict: bool | None = None  # the schema is always enforced (docs/api.md)
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
 

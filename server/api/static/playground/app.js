@@ -41,6 +41,23 @@ async function errorOf(response) {
   return new ApiError(response.status, body?.error || { message: `HTTP ${response.status} ${response.statusText}` });
 }
 
+// The modes the server accepts are the enum of `steering.mode` in its OpenAPI schema, so a mode
+// added on the server shows up here with no edit to the page. /openapi.json needs no API key.
+async function loadModes() {
+  const response = await fetch("/openapi.json");
+  if (!response.ok) throw await errorOf(response);
+  const field = (await response.json()).components.schemas.SteeringRequest.properties.mode;
+  const modes = (field.anyOf || [field]).flatMap((schema) => schema.enum || []);
+  for (const select of [$("mode"), $("mode-b")]) fillModes(select, modes);
+}
+
+// Keeps the first option (the "default" choice) and the user's pick across reconnects.
+function fillModes(select, modes) {
+  const chosen = select.options.length > 1 ? select.value : select.dataset.preferred;
+  select.replaceChildren(select.options[0], ...modes.map((mode) => new Option(mode, mode)));
+  if (modes.includes(chosen)) select.value = chosen;
+}
+
 async function loadModels() {
   const response = await fetch("/v1/models", { headers: apiHeaders() });
   if (!response.ok) throw await errorOf(response);
@@ -467,6 +484,7 @@ async function send(prompt) {
 
 async function connect() {
   try {
+    await loadModes();
     await loadModels();
     $("key-form").hidden = !sessionStorage.getItem(KEY_STORE);
     showAlert(null);
