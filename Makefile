@@ -74,7 +74,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache bench/results
+	rm -rf build dist *.egg-info .pytest_cache
+	@# bench/results keeps each session's write-up (*.md, in git); the rest there is scripts' output
+	find bench/results -type f ! -name '*.md' -delete 2>/dev/null || true
 
 distclean: clean
 	rm -rf $(VENV)
