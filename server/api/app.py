@@ -14,7 +14,7 @@ from server.api.admission import Admission
 from server.api.errors import install_error_handlers
 from server.api.observe import RequestObserver
 from server.api.openapi import describe_streams
-from server.api.routes import chat, completions, health, models, playground, tokenize
+from server.api.routes import chat, completions, health, models, playground, responses, tokenize
 from server.api.serving import EngineClient
 from server.config import Settings
 from server.errors import ShuttingDownError
@@ -58,8 +58,9 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    for router in (chat.router, completions.router, models.router, tokenize.router, health.router, playground.router):
-        app.include_router(router)
+    routers = (chat, responses, completions, models, tokenize, health, playground)
+    for module in routers:
+        app.include_router(module.router)
     describe_streams(app)
     return app
 

@@ -7,6 +7,7 @@ pydantic rejects becomes a 400 whose `param` is the dotted path of the field (se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.api import tools as tools_module
 from server.engine.types import (
     BehaviorInfo,
     FinishReason,
@@ -35,6 +37,7 @@ from server.engine.types import (
     StreamMode,
     TokenLogprob,
 )
+from server.errors import InvalidRequestError
 from server.steering.types import STEERING_MODES
 
 # Upper bounds on what one request may ask for, so that no value can overflow a tensor or keep the
@@ -152,12 +155,115 @@ _CONTENT_SCHEMA = {
 }
 
 
+# ----- tool calling (OpenAI's `tools`; server/api/tools.py renders, constrains and parses calls)
+
+MAX_TOOLS = 128
+MAX_TOOL_SCHEMA_CHARS = 100_000  # all tools' parameter schemas, serialised
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # arguments always follow the schema: the grammar enforces it
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCallRequest(RequestModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, value: str) -> str:
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be JSON text: {exc}") from None
+        return value
+
+
+class ToolCallRequest(RequestModel):
+    """An earlier assistant call, in the chat history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallRequest
+
+
+def check_tools(tools: list[ChatTool]) -> list[ChatTool]:
+    names = [tool.function.name for tool in tools]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"function names must be unique; repeated: {', '.join(repeated)}")
+    for tool in tools:
+        if tool.function.parameters.get("type", "object") != "object":
+            raise ValueError(f"function {tool.function.name!r}: `parameters` must be a JSON schema of type object")
+    if len(json.dumps([tool.function.parameters for tool in tools])) > MAX_TOOL_SCHEMA_CHARS:
+        raise ValueError(f"the tools' parameter schemas are longer than {MAX_TOOL_SCHEMA_CHARS} characters")
+    return tools
+
+
+def check_tool_choice(choice: ToolChoice | None, tools: list[ChatTool] | None) -> ToolChoice | None:
+    # Refused rather than ignored: a client that relies on a forced call must find out.
+    if choice not in (None, "none") and not tools:
+        raise ValueError("requires `tools`")
+    named = tools_module.choice_name(choice)
+    if named is not None and named not in [tool.function.name for tool in tools or ()]:
+        raise ValueError(f"names the function {named!r}, which is not in `tools`")
+    return choice
+
+
+# ----- end of tool calling
+
+
 class RequestMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # A plain string arrives as one text part, so every error inside a part list has a clean
     # path such as messages.0.content.1.type. The schema says what clients may send: either form.
     content: Annotated[list[TextContentPart], WithJsonSchema(_CONTENT_SCHEMA)]
     name: str | None = None
+    tool_calls: list[ToolCallRequest] | None = Field(None, max_length=MAX_TOOLS)  # assistant messages
+    # tool messages: the call this is the result of (checked even when left out)
+    tool_call_id: str | None = Field(None, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        # OpenAI sends an assistant turn that only calls tools with `content: null`.
+        if isinstance(data, dict) and data.get("tool_calls") and data.get("content") is None:
+            return {**data, "content": ""}
+        return data
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_by_assistant(cls, value: list[ToolCallRequest] | None, info: ValidationInfo) -> Any:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only `assistant` messages carry `tool_calls`")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_message_names_its_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
+            raise ValueError("a `tool` message needs the `tool_call_id` of the call it answers")
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
@@ -168,10 +274,15 @@ class RequestMessage(RequestModel):
             raise ValueError("must be a string or a list of text content parts")
         return value
 
-    def to_engine(self) -> dict[str, str]:
+    def to_engine(self, tool_name: str | None = None) -> dict[str, str]:
         # `developer` is OpenAI's newer name for `system`; chat templates only know the latter.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+        text = "\n".join(part.text for part in self.content)
+        if self.role == "tool":  # the generic tool format (server/api/tools.py): a user turn
+            return {"role": "user", "content": tools_module.render_tool_result(tool_name, text)}
+        if self.tool_calls:
+            text = "\n".join(t for t in (text, tools_module.render_calls(self.tool_calls)) if t)
+        return {"role": role, "content": text}
 
 
 class StreamOptions(RequestModel):
@@ -305,9 +416,12 @@ class ChatCompletionRequest(GenerationRequestFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    functions: list[dict[str, Any]] | None = None  # the legacy function-calling API
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    # False unless asked (as llama.cpp): small models, once allowed, repeat a call until max_tokens.
+    parallel_tool_calls: bool = False
+    # The legacy function-calling API (message.function_call) is refused: use `tools`.
+    functions: list[dict[str, Any]] | None = None
     function_call: Any = None
 
     @field_validator("top_logprobs")
@@ -319,34 +433,67 @@ class ChatCompletionRequest(GenerationRequestFields):
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value:
-            raise ValueError(NOT_SUPPORTED)
-        return value
+    def _valid_tools(cls, value: list[ChatTool] | None) -> list[ChatTool] | None:
+        return None if value is None else check_tools(value)
 
     @field_validator("tool_choice")
     @classmethod
-    def _tool_choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
-        # Refused rather than ignored: a client that relies on a forced tool call must find out.
-        if value not in (None, "none") and not info.data.get("tools"):
-            raise ValueError("requires `tools` (and tools are not supported by this server)")
-        return value
+    def _tool_choice_names_a_tool(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        return check_tool_choice(value, info.data.get("tools"))
 
     @field_validator("functions", "function_call")
     @classmethod
     def _no_legacy_functions(cls, value: Any) -> Any:
         if value:
-            raise ValueError(f"{NOT_SUPPORTED} (the legacy function-calling API)")
+            raise ValueError(f"{NOT_SUPPORTED} (the legacy function-calling API): use `tools` and `tool_choice`")
         return value
 
+    @model_validator(mode="after")
+    def _tools_alone(self) -> ChatCompletionRequest:
+        # A call's grammar and a response_format grammar cannot both hold; logprobs would cover the
+        # call's markup, which the client never sees.
+        if self.calls_allowed and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("`response_format` cannot be combined with `tools` (unless tool_choice is none)")
+        if self.calls_allowed and self.logprobs:
+            raise ValueError(f"`logprobs` together with `tools` is {NOT_SUPPORTED}")
+        return self
+
+    @property
+    def calls_allowed(self) -> bool:
+        """The model may call tools: there are some and tool_choice is not `none`."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def engine_messages(self) -> list[dict[str, str]]:
-        return [message.to_engine() for message in self.messages]
+        """The messages in the generic tool format; raises InvalidRequestError for a tool result
+        whose call is not in the history."""
+        names: dict[str, str] = {}
+        messages = [{"role": "system", "content": tools_module.tools_system_block(self.tools)}] if self.tools else []
+        for i, message in enumerate(self.messages):
+            names.update({call.id: call.function.name for call in message.tool_calls or ()})
+            if message.role == "tool" and message.tool_call_id not in names:
+                raise InvalidRequestError(
+                    f"no assistant message before this one has a tool call with id {message.tool_call_id!r}",
+                    param=f"messages.{i}.tool_call_id",
+                )
+            messages.append(message.to_engine(names.get(message.tool_call_id or "")))
+        return _merge_leading_system(messages)
 
     def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
         """`default_max_tokens` None: the engine's default, capped to the room the prompt leaves."""
         # max_completion_tokens is the newer name; when both are given it is the one OpenAI honours.
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return self._sampling(max_tokens, self.logprobs, self.top_logprobs or 0)
+        sampling = self._sampling(max_tokens, self.logprobs, self.top_logprobs or 0)
+        calls = tools_module.tool_call_format(self.tools or [], self.tool_choice, self.parallel_tool_calls)
+        return sampling if calls is None else dataclasses.replace(sampling, response_format=calls)
+
+
+def _merge_leading_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    # The tools' block and the client's own system text go in one system turn: many templates
+    # allow only one, first.
+    if len(messages) > 1 and messages[0]["role"] == messages[1]["role"] == "system":
+        merged = {"role": "system", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        return [merged, *messages[2:]]
+    return messages
 
 
 PromptIds = list[int]
@@ -583,9 +730,26 @@ def _chat_logprob(entry: TokenLogprob) -> ChatLogprob:
     return ChatLogprob(token=entry.token, logprob=entry.logprob, bytes=entry.bytes, top_logprobs=top)
 
 
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(OpenAIBaseModel):
+    _omit_if_none = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -594,7 +758,7 @@ class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
     steering: SteeringSummary | None = Field(None, description="(extension) what steering did")
 
 
@@ -607,11 +771,30 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    _omit_if_none = frozenset({"name"})
+
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A piece of a streamed call: its first piece has id, type and name; the rest add arguments."""
+
+    _omit_if_none = frozenset({"id", "type"})
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIBaseModel):
-    _omit_if_none = frozenset({"role", "content"})
+    _omit_if_none = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
@@ -620,7 +803,7 @@ class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     steering: SteeringRetract | SteeringSummary | None = Field(
         None, description="(extension) a retraction, or the choice's report on its finish chunk"
     )

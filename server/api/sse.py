@@ -54,9 +54,10 @@ class ChoiceStreamState:
 class ChunkBuilder(Protocol):
     """Pure functions from one event of one choice to the chunk that reports it."""
 
+    # text and retract may return None: nothing to tell the client yet (a tool call being held).
     def role(self, index: int) -> OpenAIBaseModel | None: ...
-    def text(self, choice: ChoiceStreamState, event: TextDelta) -> OpenAIBaseModel: ...
-    def retract(self, index: int, event: Retraction) -> OpenAIBaseModel: ...
+    def text(self, choice: ChoiceStreamState, event: TextDelta) -> OpenAIBaseModel | None: ...
+    def retract(self, index: int, event: Retraction) -> OpenAIBaseModel | None: ...
     def finish(self, index: int, event: Finished) -> OpenAIBaseModel: ...
     def usage(self, usage: Usage) -> OpenAIBaseModel: ...
 
@@ -143,8 +144,8 @@ class CompletionChunks:
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
-def next_chunk(chunks: ChunkBuilder, choice: ChoiceStreamState, event: EngineEvent) -> OpenAIBaseModel:
-    """The chunk reporting `event`, and the choice's state moved past it."""
+def next_chunk(chunks: ChunkBuilder, choice: ChoiceStreamState, event: EngineEvent) -> OpenAIBaseModel | None:
+    """The chunk reporting `event` (None: nothing to send yet), and the choice's state moved past it."""
     if isinstance(event, TextDelta):
         chunk = chunks.text(choice, event)
         choice.text_offset += len(event.text)
@@ -176,7 +177,8 @@ async def stream_payloads(
             record.observe(event)
             if isinstance(event, Finished):
                 finished[index] = event
-            yield next_chunk(chunks, choices[index], event).model_dump_json()
+            if (chunk := next_chunk(chunks, choices[index], event)) is not None:
+                yield chunk.model_dump_json()
         if None in finished:
             raise EngineBugError("a choice's events ended without a Finished event")
         if include_usage:

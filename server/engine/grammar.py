@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 # Compact separators in json.dumps's style; no free whitespace, so a finished value is finished
 # (a model cannot pad it with newlines until max_tokens) and the grammar's end ends the answer.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_SCHEMA_PARAM = "response_format.json_schema.schema"
 
 
 class _VocabularyBytes:
@@ -69,18 +68,22 @@ class GrammarCompiler:
         return GrammarMatcher(lambda: llguidance.LLMatcher(self._tokenizer, grammar, log_level=0))
 
     def _compile_uncached(self, fmt: ResponseFormat) -> str:
-        if fmt.type == "json_object":
-            schema: str | dict = {"type": "object"}
-        else:
-            schema = fmt.schema or "{}"
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            grammar = _grammar(fmt)
         except Exception as exc:  # the schema is not even JSON-schema shaped
-            raise InvalidRequestError(f"this JSON schema cannot be compiled: {exc}", param=_SCHEMA_PARAM) from None
+            raise InvalidRequestError(f"this JSON schema cannot be compiled: {exc}", param=fmt.param) from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
         if is_error:
-            raise InvalidRequestError(_unsupported_message(messages[0]), param=_SCHEMA_PARAM)
+            raise InvalidRequestError(_unsupported_message(messages[0]), param=fmt.param)
         return grammar
+
+
+def _grammar(fmt: ResponseFormat) -> str:
+    # Tool calls arrive as a lark grammar whose %json blocks carry these options themselves.
+    if fmt.type == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(fmt.schema or "")
+    schema = {"type": "object"} if fmt.type == "json_object" else fmt.schema or "{}"
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
 
 
 def _unsupported_message(error: str) -> str:

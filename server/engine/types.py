@@ -19,10 +19,12 @@ from server.steering.types import StreamMode as StreamMode
 
 @dataclass(frozen=True)
 class ResponseFormat:
-    """Structured output: a JSON object, or JSON that validates against `schema` (JSON text)."""
+    """Structured output: a JSON object, JSON that validates against `schema` (JSON text), or text
+    in a lark grammar given as `schema` (tool calls). `param`: the request field a grammar error names."""
 
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "lark"]
     schema: str | None = None
+    param: str = "response_format.json_schema.schema"
 
 
 FinishReason = Literal["stop", "length"]
