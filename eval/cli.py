@@ -9,7 +9,7 @@ import logging
 import sys
 
 from eval.truthfulqa_data import DEFAULT_DATA_DIR
-from steering_artifacts.false_alarm import DEFAULT_SET as FALSE_ALARM_SET
+from steering_artifacts.builder.false_alarm import DEFAULT_SET as FALSE_ALARM_SET
 
 DEFAULT_ALPHAS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
 DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)

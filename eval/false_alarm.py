@@ -1,6 +1,6 @@
 """`python -m eval false-alarm --artifact DIR`: how often the monitor fires on plainly correct answers.
 
-Scoring is `steering_artifacts.false_alarm` (the decoder's own check positions); this prints the
+Scoring is `steering_artifacts.builder.false_alarm` (the decoder's own check positions); this prints the
 firing rate at the threshold (default: the manifest's recommended) and the lowest-scoring answers.
 With `--gen-answers` the two sets are the model's own answers of a `truthfulqa gen` run instead
 (judged true & informative vs not): can the monitor tell the model's true answers from its false ones?
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eval.report import print_table, write_json
 from eval.runtime import load_model_and_artifact
-from steering_artifacts.false_alarm import (
+from steering_artifacts.builder.false_alarm import (
     DEFAULT_SET,
     false_alarm_report,
     load_pairs,

@@ -1,4 +1,4 @@
-"""The generation judge: truthful by the embedding judge (steering_artifacts/judge.py, shared with the
+"""The generation judge: truthful by the embedding judge (steering_artifacts/builder/judge.py, shared with the
 artifact builder, which labels the model's own answers with it), informative by a decline pattern.
 See eval/README.md.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from steering_artifacts.judge import (  # noqa: F401  (re-exported: eval's callers import them from here)
+from steering_artifacts.builder.judge import (  # noqa: F401  (re-exported: eval's callers import them from here)
     Embedded,
     MiniLMEmbedder,
     Verdict,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from steering_artifacts.datasets import Dataset, load_dataset
-from steering_artifacts.datasets_mc import MC_DATASETS
+from steering_artifacts.builder.datasets import Dataset, load_dataset
+from steering_artifacts.builder.datasets_mc import MC_DATASETS
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -72,8 +72,8 @@ def split_ids(manifest: dict, split: str, data_dir: Path) -> list[str]:
 
 def _derive_val_ids(recorded: dict, data_dir: Path) -> list[str]:
     """Re-run the builder's seeded split; it must reproduce the recorded test ids exactly."""
-    from steering_artifacts.datasets import load_truthfulqa_mc2
-    from steering_artifacts.split import split_by_group
+    from steering_artifacts.builder.datasets import load_truthfulqa_mc2
+    from steering_artifacts.builder.split import split_by_group
 
     fractions = tuple(recorded["fractions"][k] for k in ("train", "val", "test"))
     split = split_by_group(load_truthfulqa_mc2(data_dir).groups(), fractions, recorded["seed"])

@@ -163,7 +163,7 @@ def false_alarm_rates(args, thresholds) -> dict[float, float]:
 
     Runs before the engine starts, so no torch work shares the process with the decode thread."""
     from eval.runtime import load_model_and_artifact
-    from steering_artifacts.false_alarm import firing_rate, load_pairs, score_answers
+    from steering_artifacts.builder.false_alarm import firing_rate, load_pairs, score_answers
 
     loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads,
                                                args.quantization)

@@ -1,5 +1,6 @@
-"""Build steering artifacts (per-head probes + steering directions) for fasb-server.
+"""Steering artifacts (per-head probes + steering directions) for fasb-server.
 
-`python -m steering_artifacts build --help`; the prebuilt artifacts live in this folder, one
-`<model-slug>/<behaviour>/` folder each (see README.md).
+The prebuilt artifacts ship in this folder, one `<model-slug>/<behaviour>/` folder each; the code
+that builds them is `steering_artifacts.builder` (`python -m steering_artifacts build --help`,
+see README.md). The server reads the artifact folders only and never imports the builder.
 """

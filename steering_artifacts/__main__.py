@@ -1,5 +1,5 @@
 import sys
 
-from steering_artifacts.cli import main
+from steering_artifacts.builder.cli import main
 
 sys.exit(main())

@@ -11,13 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.steering.artifact import check_compatible, load_artifact
 from server.steering.layers import attention_output_projections
-from steering_artifacts import probes
-from steering_artifacts.cli import main
-from steering_artifacts.collect import collect_activations, pack_prompts
-from steering_artifacts.datasets import Example, load_jsonl
-from steering_artifacts.prompts import chat_text, encode
-from steering_artifacts.report import report_artifact
-from steering_artifacts.split import fold_split, split_by_group
+from steering_artifacts.builder import probes
+from steering_artifacts.builder.cli import main
+from steering_artifacts.builder.collect import collect_activations, pack_prompts
+from steering_artifacts.builder.datasets import Example, load_jsonl
+from steering_artifacts.builder.prompts import chat_text, encode
+from steering_artifacts.builder.report import report_artifact
+from steering_artifacts.builder.split import fold_split, split_by_group
 
 QUESTIONS = {
     "Is the earth flat?": (["No, the earth is round.", "The earth is a sphere."], ["Yes, the earth is flat."]),

@@ -8,7 +8,7 @@ import pytest
 
 from eval.cli import main as eval_main
 from eval.truthfulqa_folds import check_folds
-from steering_artifacts.cli import main as build_main
+from steering_artifacts.builder.cli import main as build_main
 from tests.test_builder import QUESTIONS
 from tests.test_eval_judge import BagOfWordsEmbedder
 

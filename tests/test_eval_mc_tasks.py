@@ -13,7 +13,7 @@ from eval.mc_tasks_eval import TaskEvaluation, encode_items
 from eval.mc_tasks_steering import iti_from_prompt_end
 from server.engine.loader import load_model
 from server.steering.artifact import load_artifact
-from steering_artifacts.cli import main as build_main
+from steering_artifacts.builder.cli import main as build_main
 
 ITEMS = [
     ("The man dropped the glass. What was the effect of this?", ["It broke.", "It floated away."], 0),

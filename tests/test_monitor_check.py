@@ -11,11 +11,11 @@ from server.engine.engine import Engine
 from server.engine.loader import load_model
 from server.engine.types import SteeringParams
 from server.steering.artifact import load_artifact
-from steering_artifacts.calibration import expected_calibration_error, plot_reliability, reliability_bins
-from steering_artifacts.cli import main
-from steering_artifacts.collect import collect_activations
-from steering_artifacts.datasets import Example
-from steering_artifacts.false_alarm import (
+from steering_artifacts.builder.calibration import expected_calibration_error, plot_reliability, reliability_bins
+from steering_artifacts.builder.cli import main
+from steering_artifacts.builder.collect import collect_activations
+from steering_artifacts.builder.datasets import Example
+from steering_artifacts.builder.false_alarm import (
     DEFAULT_SET,
     check_positions,
     firing_rate,
@@ -24,8 +24,8 @@ from steering_artifacts.false_alarm import (
     monitor_scores,
     score_answers,
 )
-from steering_artifacts.positions import answer_positions, answer_starts, bucket, read_plan
-from steering_artifacts.prompts import encode
+from steering_artifacts.builder.positions import answer_positions, answer_starts, bucket, read_plan
+from steering_artifacts.builder.prompts import encode
 from tests.engine_helpers import collect
 from tests.synthetic_artifact import write_synthetic_artifact
 from tests.test_builder import examples, one_at_a_time
@@ -228,7 +228,7 @@ def test_generation_interval_report_pairs_rows_by_question():
 
 
 def test_auroc_and_separation():
-    from steering_artifacts.false_alarm import ScoredAnswer, auroc, separation_report
+    from steering_artifacts.builder.false_alarm import ScoredAnswer, auroc, separation_report
 
     assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auroc([0.1], [0.9]) == 0.0 and auroc([0.5], [0.5]) == 0.5
     good = [ScoredAnswer("q1", "a", [0.9], [0]), ScoredAnswer("q2", "b", [0.4], [0])]

@@ -1,4 +1,4 @@
-"""On-policy probe training data (steering_artifacts/on_policy.py, generate.py): the tiny model, a word-hash
+"""On-policy probe training data (steering_artifacts/builder/on_policy.py, generate.py): the tiny model, a word-hash
 embedder in place of MiniLM, no ../shared."""
 
 import json
@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.steering.artifact import load_artifact
-from steering_artifacts import on_policy
-from steering_artifacts.cli import main
-from steering_artifacts.datasets import Dataset, Example
-from steering_artifacts.generate import Answer, Sampling, generate_answers
-from steering_artifacts.split import split_by_group
+from steering_artifacts.builder import on_policy
+from steering_artifacts.builder.cli import main
+from steering_artifacts.builder.datasets import Dataset, Example
+from steering_artifacts.builder.generate import Answer, Sampling, generate_answers
+from steering_artifacts.builder.split import split_by_group
 from tests.test_builder import examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")

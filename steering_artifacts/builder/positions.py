@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from steering_artifacts.datasets import Example
-from steering_artifacts.prompts import chat_text, qa_text
+from steering_artifacts.builder.datasets import Example
+from steering_artifacts.builder.prompts import chat_text, qa_text
 
 BUCKETS = ("early", "middle", "end")
 

@@ -27,7 +27,7 @@ from server.steering.bank import BehaviorBank, head_weights
 from server.steering.layers import attention_output_projections
 from server.steering.policy import check_due
 
-DEFAULT_SET = Path(__file__).resolve().parents[1] / "eval" / "data" / "everyday_correct.jsonl"
+DEFAULT_SET = Path(__file__).resolve().parents[2] / "eval" / "data" / "everyday_correct.jsonl"
 REPORT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 MAX_FALSE_ALARM = 0.05  # the bar of issue 15
 
@@ -174,5 +174,5 @@ def separation_report(correct: list[ScoredAnswer], false: list[ScoredAnswer], th
 
 def _display(path: str | Path) -> str:
     path = Path(path).resolve()
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)

@@ -2,9 +2,9 @@
 
 The monitor judges the model's own answers (steering_artifacts/README.md, "Probes trained where they
 are used"), so the builder can add them to the reference answers: for every *training* question, the
-greedy answer and a few sampled ones (`steering_artifacts/generate.py`), each labelled 1 when its
+greedy answer and a few sampled ones (`steering_artifacts/builder/generate.py`), each labelled 1 when its
 closest true reference answer of the question is closer than its closest false one (the embedding
-judge, `steering_artifacts/judge.py`, as `python -m eval truthfulqa gen` judges). The references are
+judge, `steering_artifacts/builder/judge.py`, as `python -m eval truthfulqa gen` judges). The references are
 the question's own answers in the build dataset (TruthfulQA: its mc2 targets). Validation and test
 questions never get on-policy answers, so the split stays by question.
 
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from steering_artifacts.datasets import Dataset, Example
-from steering_artifacts.generate import Answer, Sampling, generate_answers
-from steering_artifacts.split import Split
+from steering_artifacts.builder.datasets import Dataset, Example
+from steering_artifacts.builder.generate import Answer, Sampling, generate_answers
+from steering_artifacts.builder.split import Split
 
 log = logging.getLogger(__name__)
 
 ANSWERS_FILE = "on_policy.jsonl"
 SETTINGS_FILE = "on_policy.json"
-JUDGE = ("embedding judge (steering_artifacts/judge.py, all-MiniLM-L6-v2): label 1 when the closest true "
+JUDGE = ("embedding judge (steering_artifacts/builder/judge.py, all-MiniLM-L6-v2): label 1 when the closest true "
          "reference answer of the question is closer than the closest false one")
 
 
@@ -57,7 +57,7 @@ def training_questions(dataset: Dataset, split: Split) -> list[TrainingQuestion]
 
 def label_answers(embedder, questions: list[TrainingQuestion], answers: list[Answer]) -> list[dict]:
     """One record per answer: its question, text, kind and the judge's label with both similarities."""
-    from steering_artifacts.judge import embed_references, judge_answers
+    from steering_artifacts.builder.judge import embed_references, judge_answers
 
     references = embed_references(embedder, [(q.true_refs, q.false_refs) for q in questions])
     verdicts = judge_answers(embedder, [a.text for a in answers], [references[a.question_index] for a in answers])
@@ -88,7 +88,7 @@ def _store(folder: Path, settings: dict, records: list[dict]) -> None:
 
 def make_embedder():
     """The judge's sentence embedder (tests replace this)."""
-    from steering_artifacts.judge import MiniLMEmbedder
+    from steering_artifacts.builder.judge import MiniLMEmbedder
 
     return MiniLMEmbedder()
 

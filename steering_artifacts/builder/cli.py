@@ -7,9 +7,9 @@ import logging
 import shlex
 import sys
 
-from steering_artifacts.build import BuildConfig, build, build_folds
-from steering_artifacts.probes import DIRECTION_METHODS
-from steering_artifacts.prompts import PROMPT_FORMATS
+from steering_artifacts.builder.build import BuildConfig, build, build_folds
+from steering_artifacts.builder.probes import DIRECTION_METHODS
+from steering_artifacts.builder.prompts import PROMPT_FORMATS
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=defaults.dtype)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    from steering_artifacts.report import add_parser as add_report_parser
+    from steering_artifacts.builder.report import add_parser as add_report_parser
 
     add_report_parser(commands)
     return parser
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parsed = build_parser().parse_args(argv)
     if parsed.command == "report":
-        from steering_artifacts.report import run
+        from steering_artifacts.builder.report import run
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return run(parsed)

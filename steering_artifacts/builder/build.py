@@ -13,14 +13,14 @@ import torch
 
 from server.engine.loader import load_model
 from server.steering.artifact import SteeringArtifact, artifacts_root, model_fingerprint, model_slug, save_artifact
-from steering_artifacts import on_policy, probes
-from steering_artifacts.calibration import expected_calibration_error, plot_reliability
-from steering_artifacts.collect import cache_key, cached_activations, collect_activations
-from steering_artifacts.datasets import Dataset, load_dataset, load_jsonl
-from steering_artifacts.generate import Sampling
-from steering_artifacts.positions import BUCKETS, answer_starts, bucket, read_plan
-from steering_artifacts.prompts import encode
-from steering_artifacts.split import Split, fold_split, split_by_group
+from steering_artifacts.builder import on_policy, probes
+from steering_artifacts.builder.calibration import expected_calibration_error, plot_reliability
+from steering_artifacts.builder.collect import cache_key, cached_activations, collect_activations
+from steering_artifacts.builder.datasets import Dataset, load_dataset, load_jsonl
+from steering_artifacts.builder.generate import Sampling
+from steering_artifacts.builder.positions import BUCKETS, answer_starts, bucket, read_plan
+from steering_artifacts.builder.prompts import encode
+from steering_artifacts.builder.split import Split, fold_split, split_by_group
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _position_report(acts: Activations, labels, rows: Split, top, weights, biase
 
 def _false_alarm(config: BuildConfig, loaded, artifact: SteeringArtifact) -> dict:
     """Monitor firing rate on the committed correct answers, at the builder's (provisional) threshold."""
-    from steering_artifacts.false_alarm import DEFAULT_SET, false_alarm_report, load_pairs, score_answers
+    from steering_artifacts.builder.false_alarm import DEFAULT_SET, false_alarm_report, load_pairs, score_answers
 
     source = DEFAULT_SET if config.false_alarm_set == "default" else Path(config.false_alarm_set)
     scored = score_answers(loaded.model, loaded.tokenizer, artifact, load_pairs(source), config.backtrack_tokens,

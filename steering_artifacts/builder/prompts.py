@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from steering_artifacts.datasets import Example
+from steering_artifacts.builder.datasets import Example
 
 PROMPT_FORMATS = ("qa", "chat")
 

@@ -85,7 +85,7 @@ def _parse_jsonl_record(record: dict, where: str) -> Example:
 
 def load_dataset(name: str, data_dir: str | Path | None, max_items: int | None = None, seed: int = 0) -> Dataset:
     """`truthfulqa` or a multiple-choice set (both need `data_dir`), or the path of a .jsonl file."""
-    from steering_artifacts.datasets_mc import MC_DATASETS, load_mc_dataset  # it imports this module
+    from steering_artifacts.builder.datasets_mc import MC_DATASETS, load_mc_dataset  # it imports this module
 
     if name in MC_DATASETS:
         if data_dir is None:
