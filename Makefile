@@ -3,7 +3,7 @@
 # Both run `make install` first: a virtual environment in $(VENV) with torch installed BEFORE the
 # project, so the project's torch range is already satisfied and pip never fetches another torch
 # build (an unpinned torch on PyPI is a multi-GB CUDA wheel). A torch that is already in the venv
-# and inside the range is kept: to serve on a GPU, pre-install a CUDA torch into .venv (README).
+# and inside the range is kept: to serve on a GPU, pre-install a CUDA torch into .venv (docs/deployment.md).
 
 PYTHON        ?= python3
 VENV          ?= .venv

@@ -1,5 +1,5 @@
 """Cost of stop-string matching per generated token (server/engine/stops.py), for choosing the caps
-on `stop` (server/api/protocol.py MAX_STOP_SEQUENCES, MAX_STOP_CHARS; README "Limits").
+on `stop` (server/api/protocol.py MAX_STOP_SEQUENCES, MAX_STOP_CHARS; docs/operations.md "Reliability").
 
 Every running sequence with stop strings pays `find` + `holdback` on each new token, on the decode
 worker's thread. The table gives microseconds per token for k strings of L characters, on random

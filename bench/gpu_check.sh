@@ -4,7 +4,7 @@
 # decode matrix on the GPU in bf16 — hf runner vs the static runner compiled with CUDA graphs, in
 # bf16 and with int8 / int4 weights, batch 1/8/32, FASB monitoring off and on — beside model.generate.
 #
-#   make install                                   # once; then put a CUDA torch in .venv (README)
+#   make install                                   # once; then put a CUDA torch in .venv (docs/deployment.md)
 #   bench/gpu_check.sh                             # both parts; output also in bench/results/
 #   GPU_CHECK_TESTS=0 bench/gpu_check.sh           # the bench table only
 #
@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" - <<'EOF'
 import sys, torch
 if not torch.cuda.is_available():
-    sys.exit(f"torch {torch.__version__} sees no CUDA device: install a CUDA torch into .venv first (README)")
+    sys.exit(f"torch {torch.__version__} sees no CUDA device: install a CUDA torch into .venv first (docs/deployment.md)")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
 EOF
 

@@ -3,7 +3,7 @@
 from server.steering.artifact import find_default_artifacts, load_artifact
 
 TRUTHFULNESS = ["truthfulness", "truthfulness-qa"]
-MULTIPLE_CHOICE = ["copa", "mmlu", "nli", "winogrande"]  # issue 6: the paper's MC tasks
+MULTIPLE_CHOICE = ["copa", "mmlu", "nli", "winogrande"]  # the paper's multiple-choice tasks
 
 
 def test_prebuilt_default_artifacts_load():
@@ -13,7 +13,7 @@ def test_prebuilt_default_artifacts_load():
         artifact = load_artifact(folder)
         assert artifact.behavior == folder.name
         assert artifact.num_heads == 24 and artifact.head_dim == 64
-        if folder.name in TRUTHFULNESS:  # the MC tasks' probes are near chance on the 135M model (issue 6 note)
+        if folder.name in TRUTHFULNESS:  # the MC tasks' probes are near chance on the 135M model
             assert artifact.manifest["accuracy"]["ensemble_test"] >= 0.75
         else:
             assert artifact.manifest["split"]["val_ids"] and artifact.manifest["dataset"]["selection"]

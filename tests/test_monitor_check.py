@@ -1,4 +1,4 @@
-"""Issue 15: answer-prefix positions, calibration, the false-alarm check and bootstrap intervals."""
+"""Answer-prefix positions, calibration, the false-alarm check and bootstrap intervals."""
 
 import json
 

@@ -556,7 +556,7 @@ class CompletionRequest(GenerationRequestFields):
     @field_validator("echo")
     @classmethod
     def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
-        # OpenAI would add the prompt tokens' logprobs; prefill does not compute them (README
+        # OpenAI would add the prompt tokens' logprobs; prefill does not compute them (docs/api.md
         # "Differences from the OpenAI API"), and leaving them out silently would misalign the lists.
         if value and info.data.get("logprobs") is not None:
             raise ValueError(f"together with `logprobs` is {NOT_SUPPORTED} (no prompt-token logprobs)")

@@ -1,7 +1,7 @@
 """What both generation endpoints do with the engine: submit n choices, read their events, and
 (for non-streamed answers) fold the events into final texts.
 
-The engine interface used here is the one in DESIGN.md §3 / server/engine/engine.py:
+The engine interface used here is server/engine/engine.py's:
 `engine.submit(GenerationRequest) -> GenerationStream`, an async iterator of TextDelta,
 Retraction and Finished events with an idempotent `cancel()`.
 """

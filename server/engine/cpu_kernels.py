@@ -5,10 +5,9 @@ AVX-512 VNNI and the kernel builds; otherwise on torch's packed int4 kernel. Why
 own: torch's (and inductor's) int4 kernels unpack every weight to a float and multiply in floats.
 This one writes each group of 32 activations as two int8 parts (~15 bits, finer than bf16) and
 multiplies 4 codes at a time with integer dot-product instructions, as llama.cpp does with one
-part. Measured (README "Runners"): 2-3x torch's kernel per matmul in isolation, but inside the
-compiled step, where each layer's weights come from the L3 cache, the step is only 0-6% faster;
-it spares inductor autotuning the int4 layers (cold start ~2.5-3.4x shorter) and is no further
-from fp32 (bench/bench_quant_quality.py).
+part. Inside the compiled step it gains little per step (the weights come from the L3 cache), but
+it spares inductor autotuning the int4 layers, so a cold start is much shorter, and it is no
+further from fp32: docs/architecture.md "Quantized weights" has the numbers.
 
 The source (kernels/int4_q8_mm.cpp) is compiled by torch's extension builder with the system C++
 compiler and ninja (~30 s, once; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions).

@@ -120,8 +120,8 @@ class Engine:
         that ever runs torch compute in this process. That matters on CPU: libgomp gives every
         thread that enters a parallel region its own OpenMP team, and once two teams exist it
         counts more threads than cores and stops spin-waiting between regions; each of the
-        thousand-odd regions of a decode step then pays a futex sleep and wake-up. Measured on
-        2 cores: `model.generate` at batch 8 ran 30% slower on a second thread than on the only one.
+        thousand-odd regions of a decode step then pays a futex sleep and wake-up (the cost:
+        docs/architecture.md "Why one thread runs torch").
         """
         self._start_worker().result()  # re-raises what made loading fail
 
@@ -221,7 +221,7 @@ class Engine:
         if not artifacts:
             return
         # Without --default-behavior the first bank is the default: keep it the product's default
-        # (truthfulness) now that task artifacts (copa, mmlu, nli, ...) sort before it by name.
+        # (truthfulness), though task artifacts (copa, mmlu, nli, ...) sort before it by name.
         artifacts.sort(key=lambda a: a.behavior != DEFAULT_BEHAVIOR_NAME)
         o_projs = attention_output_projections(loaded.model)
         layers = sorted({int(layer) for a in artifacts for layer in a.layers.tolist()})

@@ -1,7 +1,7 @@
 """Per-sequence decoding state that rolls back with the tokens (docs/architecture.md "Processors").
 
 A processor sees every token a sequence accepts and can be rolled back by n tokens; after a FASB
-backtrack the sequence is then exactly as if the dropped tokens had never been generated (README
+backtrack the sequence is then exactly as if the dropped tokens had never been generated (docs/api.md
 "Structured output and sampling parameters"). What a processor does to the logits is applied for
 the whole batch at once by server/engine/logits.py, which reads the state kept here: token counts
 for the penalties, how many tokens were generated for min_tokens, the grammar matcher's bitmask.

@@ -1,48 +1,10 @@
 """Weight-only quantization of a loaded model's linear layers (`--quantization int8|int4`).
 
-Why weight-only: decoding one token reads every weight once, so on CPU a small model's step is
-bound by memory traffic. int8 weights are a quarter of fp32's bytes, int4 about a sixth (with
-their group scales). torch's packed kernels (`aten._weight_int8pack_mm`,
-`aten._weight_int4pack_mm_for_cpu`) are slow with fp32 activations here but fast with bf16 ones,
-which use the CPU's bf16 dot-product instructions; so their matmuls run on bf16 activations and
-the output returns to the model's dtype. Measured numbers: bench/README.md. int4 on a CPU with
-AVX-512 VNNI runs on our own kernel instead (server/engine/cpu_kernels.py: integer dot products
-on activations coded as two int8 parts, 2-3x faster, and closer to fp32 than bf16 activations).
-
-* int8: symmetric, one scale per output channel.
-* int4: asymmetric, one fp16 scale and minimum per group of 32 input weights. This is GGUF's
-  Q4_1, which the default model ships in (its fp32 weights are dequantized Q4_1 blocks:
-  server/engine/loader.py), so int4 gives back the shipped weights exactly — far closer to the
-  fp32 model than int8's per-channel scales.
-
-What is quantized: every decoder layer's q/k/v projections and MLP, and the LM head (int8 under
-both methods, see `quantize_weights`). Not the model's attention output projection (`o_proj`):
-its weights are what the steering vectors are computed from and what artifacts fingerprint
-(server/steering/artifact.py), so they stay as loaded, and prefill and the hf runner use them.
-Under int4 the static runner's decode step reads an int4 copy of each `o_proj` instead
-(server/engine/static_decode.py: exact on the default model; the probes read o_proj's input and
-the steering vectors are added to its output, so neither depends on it). Embeddings stay as they
-are (a lookup reads one row).
-
-Compiled by the static runner on CPU, torch's packed calls are where inductor may put its own
-generated GEMM kernels instead, chosen by measuring both (server/engine/static_runner.py); our int4
-kernel stays one opaque call. The static step also fuses q|k|v and gate|up into one quantized
-layer each (`QuantizedLinear.concatenated`, server/engine/static_decode.py).
-
-The packed kernels are matrix-vector kernels: fast for a decode step's few rows, slow for a
-prompt's hundreds. Above a row count measured per kernel, a layer runs a bf16 GEMM on its weights
-dequantized to bf16, kept after the first such call: dequantizing took ~7x the GEMM itself (a
-1536x576 layer, 77 rows, 1 thread: 2.2 ms against 0.3 ms), so doing it per prompt made int4's
-time to first token ~1.6x fp32's. The copy costs 2 bytes per weight, only in layers that prefill
-(the static step's fused copies never do), and only on CPU: on CUDA dequantizing is cheap next to
-the GEMM and memory is what int4 is for.
-
-On CUDA the same layouts run on CUDA kernels: int4 on torch's tinygemm kernel
-(`aten._weight_int4pack_mm`, bf16 activations, the same scale/offset convention, its own packing),
-int8 as gpt-fast writes it — `linear(x, int8 weight cast to x's dtype) * scale` — which
-torch.compile fuses into one kernel that reads the int8 weight (eager, it casts the weight each
-call: correct, not fast). The CPU row thresholds are kept there; they are not measured on a GPU
-(bench/gpu_check.sh runs the quantized suite and bench on one).
+Weight-only because a decode step reads every weight once, so on CPU its time follows the weights'
+bytes. int8: one scale per output channel. int4: GGUF's Q4_1 (fp16 scale and minimum per group of
+32), the default model's own format, so it gives the shipped weights back exactly. The model's
+`o_proj` stays as loaded (steering vectors and artifact fingerprints come from it); the LM head is
+int8 under both. How it works, and the measurements: docs/architecture.md "Quantized weights".
 """
 
 from __future__ import annotations
@@ -126,10 +88,8 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 weights, symmetric, one scale per output channel."""
 
-    # Measured for a 576x1536 layer, 1 thread (best of 5): packed 0.07 / 0.46 / 0.84 / 1.98 ms at
-    # 1 / 8 / 16 / 32 rows, dequantize + bf16 GEMM ~1.3-1.5 ms up to 32 rows and 1.9 ms at 256
-    # (packed: 10.6 ms); the crossover is near 24 rows. (Measured dequantizing per call; with the
-    # kept bf16 copy the GEMM is cheaper, so 16 is on the safe side.)
+    # Above this many rows the kept bf16 weights' GEMM beats the packed kernel (the crossover is
+    # near 24 rows; docs/architecture.md "Numbers behind the CPU step").
     kernel_max_rows = 16
 
     def __init__(self, linear: nn.Linear):
@@ -167,9 +127,8 @@ class Int4Linear(QuantizedLinear):
     """
 
     GROUP = 32
-    # A whole int4 model's prompt forward, kernel vs the kept bf16 weights' GEMM (ms, 1 / 2 threads,
-    # our kernel): 16 rows 93 / 64 vs 103 / 76; 24 rows 120 / 71 vs 122 / 90; 32 rows 142 / 90 vs
-    # 132 / 93; 64 rows 233 / 152 vs 174 / 127. (Dequantizing per call, as before, put it at 64.)
+    # Up to here our kernel beats the kept bf16 weights' GEMM on a whole prompt forward
+    # (docs/architecture.md "Numbers behind the CPU step").
     kernel_max_rows = 24
 
     def __init__(self, linear: nn.Linear):

@@ -8,9 +8,9 @@ Position bookkeeping: `cols[i]` is the batch-cache column holding position i of 
 for every position already in the cache; `next_input` is the token the next forward pass feeds at
 position `next_pos == len(cols)`. Normally that is the newest generated token; after a backtrack it
 is the last kept token (or the last prompt token), re-fed so the next token comes from a steered
-forward pass (DESIGN.md §2 step 3).
+forward pass.
 
-Every sequence ends (README "Limits"): backtracks are capped by `max_backtracks`, the tokens it may
+Every sequence ends (docs/operations.md "Reliability"): backtracks are capped by `max_backtracks`, the tokens it may
 throw away by `discard_budget` (so kept + discarded <= DECODE_BUDGET_FACTOR * max_tokens), and an
 optional `deadline` ends it with finish_reason "length", as llama.cpp's time limit does.
 """

@@ -139,16 +139,12 @@ class StaticRunner:
     def _compile(self) -> None:
         """Compile the whole step, then run every batch bucket once now, not on the first requests.
 
-        CPU: inductor with `freezing`: the weights become constants of the graph, which lets
-        inductor pack each linear layer's weight once into oneDNN's blocked layout. MKL's plain
-        sgemm is slow at a decode step's few rows (fp32, 8 rows: ~3x the time of 1 row for the
-        same bytes read), and the packed kernels are not. Measured side by side (docs/architecture.md):
-        the fp32 step ~1.2x faster at batch 1 and ~1.4x at batch 8 than five-layer graphs without
-        freezing, for a packed copy of the weights per compiled graph (the eager model keeps its
-        own for prefill) and a longer compile. With quantized weights inductor also autotunes its own
-        matmul kernels against torch's (`_cpu_inductor_options`). CUDA: `mode="reduce-overhead"` (CUDA graphs), so a
-        step is one graph launch; the cache buffers are module buffers, which CUDA graphs treat as
-        fixed addresses.
+        CPU: inductor with `freezing`, so each linear layer's weight is packed once into oneDNN's
+        blocked layout (plain sgemm is slow at a decode step's few rows), at the price of a packed
+        copy of the weights per compiled graph; options in `_cpu_inductor_options`. CUDA:
+        `mode="reduce-overhead"` (CUDA graphs), so a step is one graph launch; the cache buffers are
+        module buffers, which CUDA graphs treat as fixed addresses. Why and the numbers:
+        docs/architecture.md "`static` runner".
         """
         if self.model.device.type == "cuda":
             self._step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
@@ -156,14 +152,14 @@ class StaticRunner:
         else:
             self._step = torch.compile(self.decoder, fullgraph=True)
             # The warm-up compiles every graph the step needs. Inductor's options are read from its
-            # global config when dynamo hands it a graph; torch.compile(options={"freezing": True}) does
-            # not freeze (measured: same speed and memory as without), hence the patch around the warm-up.
+            # global config when dynamo hands it a graph (torch.compile(options={"freezing": True})
+            # does not freeze), hence the patch around the warm-up.
             self._inductor_options = _cpu_inductor_options(self.model)
             with torch._inductor.config.patch(self._inductor_options):
                 self._warm_up()
         # From now on dynamo checks only the guards that told the warmed-up graphs apart (the batch
-        # bucket), not all of them (every weight, buffer and input of the step) on each call: ~1 ms
-        # per step at 2 threads (docs/architecture.md). This rests on torch's condition for it: no
+        # bucket), not all of them (every weight, buffer and input of the step) on each call, which
+        # costs ~1 ms per step (docs/architecture.md). This rests on torch's condition for it: no
         # call may need a graph the warm-up did not build. It holds because this runner makes every
         # input of the step itself, in the dtypes and bucket shapes the warm-up ran, and the model's
         # weights do not change after load. Inputs the kept guards reject make dynamo raise before
@@ -185,24 +181,11 @@ class StaticRunner:
 
 
 def _cpu_inductor_options(model: torch.nn.Module) -> dict:
-    """Inductor's options for the CPU step: freezing and a C++ wrapper always; with weights on
-    torch's quantized kernels, also max-autotune over inductor's own C++ GEMM templates and ATen's.
-
-    `cpp_wrapper`: the compiled graph calls its kernels from generated C++ instead of Python, which
-    takes ~1 ms of Python per step off (measured side by side, 1 thread, median of 3-4 rounds: int4
-    13.3 -> 12.1 ms/step at batch 1, 30.0 -> 27.5 at batch 8; fp32 40.8 -> 38.0 and 74.8 -> 72.5),
-    the same tokens, for a longer first compile (int4 +23 s, fp32 +65 s; cached afterwards).
-
-    With int8 weights (the LM head under both methods, every layer under int8) a template can beat
-    ATen's call at a decode step's few rows (int8 head at one row, 1 thread: 2.2 ms against
-    5.8 ms; an int8 head on a VNNI kernel of our own, Q8_0 groups, was 3-8% slower per step than
-    this); autotuning times both per layer shape and keeps the faster. int4 layers on our own
-    kernel (server/engine/cpu_kernels.py) are opaque calls with nothing to tune; on torch's int4
-    kernel they are tuned. Not for fp32: there templates were ~8% faster at batch 1, ~15% slower at
-    batch 8, with peak RSS 4.4 GB against 2.5 GB (docs/architecture.md). ATen stays a candidate
-    because templates do not take every shape (a tiny model's 32-wide layers). Timing the
-    candidates makes a cold start longer (README "Runners"), and the winner may differ between
-    starts (quantized greedy tokens are checked for agreement, not equality).
+    """Inductor's options for the CPU step: freezing and a C++ wrapper always (kernels called from
+    generated C++, not Python: ~1 ms less per step); with weights on torch's quantized kernels, also
+    max-autotune over inductor's C++ GEMM templates and ATen's, keeping the faster per layer shape
+    (ATen stays a candidate because templates do not take every shape). Not for fp32 or our own int4
+    kernel. The measurements behind each choice: docs/architecture.md "Numbers behind the CPU step".
     """
     options = {"freezing": True, "cpp_wrapper": True}
     if any(isinstance(module, QuantizedLinear) and not module.own_kernel for module in model.modules()):

@@ -42,7 +42,7 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     # OpenAI's penalties, the common repetition_penalty extension, and logit_bias as (token id,
-    # bias) pairs; all applied by server/engine/logits.py (README "Structured output and sampling").
+    # bias) pairs; all applied by server/engine/logits.py (docs/api.md).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1 = off

@@ -1,7 +1,7 @@
 """Steering artifacts on disk: read, write, validate, and match them to a loaded model.
 
 An artifact is a folder with `artifact.safetensors` (the per-head probes and steering directions)
-and `manifest.json` (what it was built from and for; ../shared/DESIGN.md §4). No pickle anywhere.
+and `manifest.json` (what it was built from and for). No pickle anywhere.
 
 Head activation convention: for selected head k at (layer l_k, head h_k), `a_k` is the slice
 `[h_k*D:(h_k+1)*D]` of the input of layer l_k's attention output projection at one position.

@@ -1,4 +1,4 @@
-"""Steering controllers: what one steering mode decides for one sequence (DESIGN.md §2).
+"""Steering controllers: what one steering mode decides for one sequence.
 
 The engine's `Sequence` (server/engine/sequence.py) does the mechanics of a backtrack (drop
 tokens, roll back the text and the processors, free cache columns); the controller decides: the

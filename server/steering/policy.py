@@ -1,4 +1,4 @@
-"""Per-request steering settings and the FASB check schedule (DESIGN.md §2).
+"""Per-request steering settings and the FASB check schedule.
 
 Defaults are layered: the artifact's manifest (calibrated per model and behaviour), then server
 flags, then the request's `steering` object. Server flags and the request use the same
@@ -53,7 +53,7 @@ def resolve_steering(
     """The request's effective settings, or None when it is not steered or monitored at all.
 
     `server` holds the server flags (None: use the artifact's recommendation); its `mode` is the
-    default mode, "monitor" (scores only) unless the flags say otherwise (issue 15: see README "Steering").
+    default mode, "monitor" (scores only) unless the flags say otherwise (docs/steering.md).
     """
     asked = request or SteeringParams()
     mode = _pick(asked.mode, server.mode, "monitor")

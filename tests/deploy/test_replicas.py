@@ -1,5 +1,5 @@
 """Three server processes behind Debian's nginx with deploy/nginx/fasb.conf, all on loopback
-(README "Scaling out"): streams pass token by token and retractions replay to the same text as
+(docs/deployment.md "Scaling out"): streams pass token by token and retractions replay to the same text as
 without the proxy; one replica SIGTERMed under 32 clients costs no request; each replica's
 /metrics has what the autoscaler reads.
 

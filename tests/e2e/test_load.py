@@ -186,7 +186,7 @@ def cancelled_in_log(server: ServerProcess, request_id: str) -> bool:
 
 def load_plan(server: ServerProcess) -> tuple[list[dict], list[dict]]:
     """64 clients: every third one abandons a very long answer; the others want short ones,
-    half with the server's default steering (monitor since issue 15), half with steering off."""
+    half with the server's default steering (monitor), half with steering off."""
     finishing, abandoning = [], []
     for i in range(64):
         text = TEXTS[i % len(TEXTS)]
@@ -237,7 +237,7 @@ def mixed_steering(i: int) -> dict | None:
     (1.0: P(desired) < 1 always holds) backtrack; retract and hold streams."""
     mode = ["off", "monitor", "always", "fasb"][i % 4]
     if mode == "off":
-        return None if i % 8 == 0 else {"mode": "off"}  # None: the server default (monitor since issue 15)
+        return None if i % 8 == 0 else {"mode": "off"}  # None: the server default (monitor)
     steering = {"mode": mode, "stream_mode": ["retract", "hold"][i // 4 % 2], "alpha": 4.0}
     if mode == "fasb":
         steering |= {"threshold": [0.0, 0.5, 1.0][i // 4 % 3], "backtrack_tokens": 4, "max_backtracks": 1 + i % 2}

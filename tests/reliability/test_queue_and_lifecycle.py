@@ -137,4 +137,4 @@ async def test_sigterm_drains_then_ends_streams_cleanly_and_exits_0(long_model_d
             assert "error" in last and last["error"]["code"] == "shutting_down", last
         code = await asyncio.to_thread(server.process.wait, 30)
         assert code == 0, server.log()[-3000:]
-        assert time.monotonic() - signalled < shutdown_timeout + 5  # README: exits within the timeout + ~2 s
+        assert time.monotonic() - signalled < shutdown_timeout + 5  # docs/operations.md: timeout + ~2 s

@@ -68,7 +68,7 @@ STEERING = [
     {"mode": "fasb", "threshold": 1.0, "backtrack_tokens": 3, "max_backtracks": 2, "stream_mode": "hold"},
 ]
 # Schemathesis sends finite numbers and valid UTF-8 only; a quarter of the positive cases get one of
-# these instead, in one field (the values hostile clients sent in issue 10), sent as Python's
+# these instead, in one field (values hostile clients send), sent as Python's
 # json.dumps writes it (`Infinity`, `NaN`, `"\\ud800"`), which the server's JSON parser accepts.
 HOSTILE_NUMBERS = (2**63, -(2**63) - 1, 2**64, 10**30, float("inf"), float("-inf"), float("nan"), 1e308, -1, 0)
 HOSTILE_TEXT = ("\ud800", "\udfff\ud800x", "\x00", "a\r\nforged line\r\n", "\u202e" * 64)

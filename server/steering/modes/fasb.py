@@ -1,5 +1,5 @@
 """`fasb`: monitor, and when the probes' P(desired) falls below the threshold, backtrack and steer
-(DESIGN.md §2: the schedule, the strength, the budget of backtracks and discarded tokens)."""
+(the schedule, the strength, the budget of backtracks and discarded tokens: docs/steering.md)."""
 
 from __future__ import annotations
 
