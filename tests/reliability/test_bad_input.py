@@ -82,8 +82,8 @@ async def test_non_finite_numbers_are_400(http, server, literal, param):
 
 
 async def test_lone_surrogates_are_answered_not_crashed_on(http, server):
-    # "\ud800" is valid JSON but no valid Unicode: echoed into a message it used to make the answer
-    # itself unencodable (a 500).
+    # "\ud800" is valid JSON but no valid Unicode: echoed as is into a message it would make the
+    # answer itself unencodable (a 500).
     model = json.dumps(chat(server)).replace(json.dumps(server.model), '"bad\\ud800model"')
     response = await http.post("/v1/chat/completions", content=model, headers={"content-type": "application/json"})
     assert "\\ud800" in assert_envelope(response, 404, "model")["message"]

@@ -109,9 +109,9 @@ async def test_stalled_worker_is_reported(engine, monkeypatch):
 
 
 async def test_a_burst_after_a_long_idle_spell_is_not_a_stall(engine, monkeypatch):
-    """Regression: the worker's heartbeat is as old as the idle spell until its thread wakes, so the
-    second of two requests submitted in one go after an idle spell longer than the stall timeout
-    was refused as 'stalled'."""
+    """The worker's heartbeat is as old as the idle spell until its thread wakes: the second of two
+    requests submitted in one go after an idle spell longer than the stall timeout must not be
+    refused as 'stalled'."""
     monkeypatch.setattr(engine.settings, "worker_stall_timeout", 0.2)
     ids = chat(engine, "Hi")
     await asyncio.sleep(0.5)  # idle, longer than the stall timeout
