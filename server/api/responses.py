@@ -165,7 +165,8 @@ class ResponsesRequest(RequestModel):
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"})} for t in self.tools]
         if self.tool_choice is not None:
             choice = self.tool_choice
-            body["tool_choice"] = choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+            named = not isinstance(choice, str)
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}} if named else choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = _response_format(self.text.format)
         try:

@@ -106,11 +106,38 @@ def tool_call_format(
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.function.name}, "arguments": tool.function.parameters},
+        "properties": {"name": {"const": tool.function.name}, "arguments": closed_objects(tool.function.parameters)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
         "x-guidance": _JSON_OPTIONS,
     }
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` wherever an object lists its properties and says
+    nothing about others (as llama.cpp does): a small model otherwise keeps inventing keys until
+    max_tokens. What it generates still validates against the schema as given."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed_value(key, value) for key, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
+
+
+def _closed_value(key: str, value: Any) -> Any:
+    if key in _SUBSCHEMAS:
+        return closed_objects(value)
+    if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+        return {name: closed_objects(sub) for name, sub in value.items()}
+    return value
+
+
+# Keywords whose value is a subschema (or a list of them), and those whose value maps names to one.
+_SUBSCHEMAS = {"items", "anyOf", "oneOf", "allOf", "not", "prefixItems", "additionalProperties", "if", "then", "else"}
+_SUBSCHEMA_MAPS = {"properties", "$defs", "definitions", "patternProperties"}
 
 
 def _lark(text: str) -> str:

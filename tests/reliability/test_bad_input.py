@@ -196,3 +196,44 @@ async def test_openapi_describes_streams_and_the_steering_extension(http):
         assert {"application/json", "text/event-stream"} <= ok.keys()
     assert "SteeringRequest" in schema["components"]["schemas"]
     assert "ChatCompletionChunk" in schema["components"]["schemas"]
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+BAD_TOOL_REQUESTS = [
+    # a schema the grammar engine cannot compile: named as the tools' field
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "call_1", "content": "42"}], "tools": [WEATHER_TOOL]},
+     "messages.1.tool_call_id"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD_TOOL_REQUESTS)
+async def test_bad_tool_requests_are_400_naming_the_field(http, server, fields, param):
+    response = await http.post("/v1/chat/completions", json=chat(server, **fields))
+    assert_envelope(response, 400, param)
+
+
+BAD_RESPONSES_REQUESTS = [
+    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"store": True}, "store"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "42"}]}, "input.0.call_id"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "(?<=a)b"}}}}], "tool_choice": "required"}, "tools"),
+    ({"text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "array", "uniqueItems": True}}}},
+     "text.format.schema"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD_RESPONSES_REQUESTS)
+async def test_bad_responses_requests_are_400_naming_the_field(http, server, fields, param):
+    body = {"model": server.model, "input": "Hello", "max_output_tokens": 4, **fields}
+    assert_envelope(await http.post("/v1/responses", json=body), 400, param)
+    await assert_healthy(http, server)
