@@ -1,6 +1,10 @@
-"""`python -m eval truthfulqa {mc,gen,sweep} ...`, `python -m eval mc --task ...` and
-`python -m eval false-alarm --artifact ...`: print a table, write JSON
-(see eval/README.md)."""
+"""The `python -m eval` command line: a registry of benchmark subcommands.
+
+Each entry of COMMANDS is a module with `add_parser(benchmarks)`, which adds its subcommand to
+the `benchmarks` subparsers and sets `run` (a function of the parsed arguments) as a default of
+every parser that runs something. Adding a task family's eval is one package with such a module
+and one line here (see eval/README.md, "Adding an evaluation").
+"""
 
 from __future__ import annotations
 
@@ -8,120 +12,32 @@ import argparse
 import logging
 import sys
 
-from eval.truthfulqa_data import DEFAULT_DATA_DIR
-from steering_artifacts.builder.false_alarm import DEFAULT_SET as FALSE_ALARM_SET
+from eval.mc_tasks import cli as mc_tasks_cli
+from eval.truthfulqa import cli as truthfulqa_cli
+from eval.truthfulqa import false_alarm
 
-DEFAULT_ALPHAS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
-DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
+# In `python -m eval --help` order.
+COMMANDS = (
+    truthfulqa_cli,  # truthfulqa {mc,gen,sweep}
+    mc_tasks_cli,  # mc
+    false_alarm,  # false-alarm
+)
 
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x)
-
-
-def _common(p: argparse.ArgumentParser, artifact: bool = True) -> None:
-    if artifact:
-        p.add_argument("--artifact", required=True, help="artifact folder (qa format for mc, chat for gen)")
-    p.add_argument("--split", choices=("test", "val"), default="test",
-                   help="the artifact's held-out or validation questions")
-    p.add_argument("--limit", type=int, help="first N questions of the split (quick runs)")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="truthfulqa/ folder")
-    p.add_argument("--model", default="default")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
-                   help="weights as the server's --quantization (quality of a quantized model)")
-    p.add_argument("--out", help="JSON path (default eval/results/<name>.json)")
-
-
-def _steering(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alpha", type=float, help="FASB alpha (default: the manifest's recommended)")
-    p.add_argument("--threshold", type=float, help="FASB threshold on mean P(true) (default: recommended)")
-    p.add_argument("--backtrack-tokens", type=int, help="s (default: recommended)")
-    p.add_argument("--iti-alpha", type=float, help="ITI row's alpha (default: recommended iti_alpha, else alpha)")
+DESCRIPTION = """`python -m eval truthfulqa {mc,gen,sweep} ...`, `python -m eval mc --task ...` and
+`python -m eval false-alarm --artifact ...`: print a table, write JSON
+(see eval/README.md)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m eval", description=DESCRIPTION)
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
-    tqa = benchmarks.add_parser("truthfulqa").add_subparsers(dest="task", required=True)
-    mc = tqa.add_parser("mc", help="MC1/MC2/MC3: baseline, ITI, FASB")
-    _common(mc)
-    _steering(mc)
-    mc.add_argument("--batch-rows", type=int, default=16, help="answers per forward pass")
-    mc.add_argument("--rows", type=lambda t: tuple(x for x in t.split(",") if x), default=("baseline", "iti", "fasb"),
-                    help="comma-separated subset of baseline,iti,fasb (e.g. baseline,fasb for a quantization check)")
-    gen = tqa.add_parser("gen", help="greedy generation through the Engine, judged by embedding similarity")
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--artifact", help="chat artifact folder")
-    source.add_argument("--folds-dir", help="folder of fold artifacts (fold-0 ... built with --folds K --fold all): "
-                        "each fold's test questions with its own artifact, pooled (--split is ignored)")
-    _common(gen, artifact=False)
-    _steering(gen)
-    gen.add_argument("--max-tokens", type=int, default=50)
-    gen.add_argument("--max-batch-size", type=int, default=8)
-    sweep = tqa.add_parser("sweep", help="alpha x threshold on validation questions (MC: qa artifact, gen: chat)")
-    _common(sweep)
-    sweep.set_defaults(split="val")
-    sweep.add_argument("--task", choices=("mc", "gen"), help="default: mc for a qa artifact, gen for a chat one")
-    sweep.add_argument("--alphas", type=_floats, default=DEFAULT_ALPHAS)
-    sweep.add_argument("--thresholds", type=_floats, default=DEFAULT_THRESHOLDS)
-    sweep.add_argument("--iti-alphas", type=_floats, help="ITI alphas (default: --alphas)")
-    sweep.add_argument("--backtrack-tokens", type=int, default=10)
-    sweep.add_argument("--batch-rows", type=int, default=16)
-    sweep.add_argument("--max-tokens", type=int, default=50)
-    sweep.add_argument("--max-batch-size", type=int, default=8)
-    sweep.add_argument("--max-false-alarm", type=float, default=0.05,
-                       help="gen: only thresholds at which the monitor fires on at most this share of correct answers")
-    sweep.add_argument("--false-alarm-set", default=str(FALSE_ALARM_SET), help="gen: JSONL of correct answers")
-    sweep.add_argument("--write-recommended", action="store_true", help="write the chosen values into the manifest")
-    from eval.false_alarm import add_parser as add_false_alarm_parser
-    from eval.mc_tasks_cli import add_mc_parser
-
-    add_mc_parser(benchmarks)
-    add_false_alarm_parser(benchmarks)
+    for command in COMMANDS:
+        command.add_parser(benchmarks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.benchmark == "false-alarm":
-        from eval.false_alarm import run
-
-        run(args)
-    elif args.benchmark == "mc":
-        from eval.mc_tasks_cli import run
-
-        run(args)
-    elif args.task == "mc":
-        from eval.truthfulqa_mc import run_mc
-
-        run_mc(args)
-    elif args.task == "gen" and args.folds_dir:
-        from eval.truthfulqa_folds import run_gen_folds
-
-        run_gen_folds(args)
-    elif args.task == "gen":
-        from eval.truthfulqa_gen import run_gen
-
-        run_gen(args)
-    else:
-        _sweep(args)
+    args.run(args)
     return 0
-
-
-def _sweep(args) -> None:
-    from server.steering.artifact import load_artifact
-
-    if args.iti_alphas is None:
-        args.iti_alphas = args.alphas
-    task = args.task or ("mc" if load_artifact(args.artifact).prompt_format == "qa" else "gen")
-    if task == "mc":
-        from eval.truthfulqa_mc import run_mc_sweep
-
-        run_mc_sweep(args)
-    else:
-        from eval.truthfulqa_gen import run_gen_sweep
-
-        run_gen_sweep(args)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from eval.cli import main as eval_main
-from eval.truthfulqa_folds import check_folds
+from eval.truthfulqa.folds import check_folds
 from steering_artifacts.builder.cli import main as build_main
 from tests.test_builder import QUESTIONS
 from tests.test_eval_judge import BagOfWordsEmbedder
@@ -37,7 +37,7 @@ def test_gen_pools_every_fold_on_its_own_questions(tiny_model_dir, truthfulqa_di
                        str(truthfulqa_dir), "--model", str(tiny_model_dir), "--out", str(folds), "--num-heads", "4",
                        "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--false-alarm-set", "none",
                        "--folds", "3", "--fold", "all"]) == 0
-    monkeypatch.setattr("eval.truthfulqa_gen.MiniLMEmbedder", BagOfWordsEmbedder)
+    monkeypatch.setattr("eval.truthfulqa.gen.MiniLMEmbedder", BagOfWordsEmbedder)
     out = tmp_path / "gen.json"
     assert eval_main(["truthfulqa", "gen", "--folds-dir", str(folds), "--data-dir", str(truthfulqa_dir), "--model",
                       str(tiny_model_dir), "--max-tokens", "6", "--alpha", "3", "--threshold", "0.9",

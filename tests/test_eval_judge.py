@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eval.judge import embed_references, is_uninformative, judge, judge_answers
+from eval.core.judge import embed_references, is_uninformative, judge, judge_answers
 
 
 class BagOfWordsEmbedder:
@@ -53,7 +53,7 @@ def test_informative(text):
 
 
 def test_split_ids_reads_recorded_test_and_val_ids(tmp_path):
-    from eval.truthfulqa_data import split_ids
+    from eval.truthfulqa.data import split_ids
 
     manifest = {"split": {"test_ids": ["3", "1"], "val_ids": ["2", "5"], "seed": 0}}
     assert split_ids(manifest, "test", tmp_path) == ["3", "1"]

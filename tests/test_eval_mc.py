@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from eval.mc_eval import build_items
-from eval.mc_metrics import mc1, mc2, mc3, mean_metrics
-from eval.mc_scoring import MCScorer, ScoredSequence
-from eval.mc_steering import Trigger, fasb_sequence, fasb_trigger, iti_sequence
-from eval.prompts import answer_start
-from eval.truthfulqa_data import Question
+from eval.core.scoring import MCScorer, ScoredSequence
+from eval.core.steering import Trigger, fasb_sequence, fasb_trigger, iti_sequence
+from eval.core.tokens import answer_start
+from eval.truthfulqa.data import Question
+from eval.truthfulqa.mc import build_items
+from eval.truthfulqa.metrics import mc1, mc2, mc3, mean_metrics
 from server.engine.loader import load_model
 from server.steering.layers import attention_output_projections
 from tests.synthetic_artifact import synthetic_artifact

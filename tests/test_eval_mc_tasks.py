@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eval.mc_scoring import MCScorer
-from eval.mc_tasks import run_task
-from eval.mc_tasks_data import load_artifact_dataset, split_groups, task_items
-from eval.mc_tasks_eval import TaskEvaluation, encode_items
-from eval.mc_tasks_steering import iti_from_prompt_end
+from eval.core.scoring import MCScorer
+from eval.core.steering import iti_from_prompt_end
+from eval.mc_tasks.data import load_artifact_dataset, split_groups, task_items
+from eval.mc_tasks.options import encode_items, task_evaluation
+from eval.mc_tasks.run import run_task
 from server.engine.loader import load_model
 from server.steering.artifact import load_artifact
 from steering_artifacts.builder.cli import main as build_main
@@ -58,7 +58,7 @@ def _evaluation(tiny_loaded, artifact_dir, split="test"):
     dataset = load_artifact_dataset(artifact.manifest, artifact_dir)
     items = task_items(dataset, split_groups(artifact.manifest, split))
     rows, prefix = encode_items(items, tiny_loaded.tokenizer)
-    return TaskEvaluation(MCScorer(tiny_loaded.model, artifact, prefix, batch_rows=3), items, rows)
+    return task_evaluation(MCScorer(tiny_loaded.model, artifact, prefix, batch_rows=3), items, rows), rows
 
 
 def test_items_come_from_the_manifest_split(tiny_loaded, tiny_artifact):
@@ -70,30 +70,30 @@ def test_items_come_from_the_manifest_split(tiny_loaded, tiny_artifact):
 
 
 def test_option_scores_equal_a_plain_forward(tiny_loaded, tiny_artifact):
-    evaluation = _evaluation(tiny_loaded, tiny_artifact)
+    evaluation, rows = _evaluation(tiny_loaded, tiny_artifact)
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer
-    for row, score in zip(evaluation.rows, evaluation.baseline_scores):
+    for row, score in zip(rows, evaluation.baseline_scores):
         ids = torch.tensor([row.seq.ids])
         with torch.inference_mode():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         expected = sum(logp[j - 1, row.seq.ids[j]].item() for j in range(row.seq.answer_start, len(row.seq.ids)))
         assert score.logprob == pytest.approx(expected, abs=1e-4)
         assert len(score.answer_probs) == len(row.seq.ids) - row.seq.answer_start
-    assert tok.decode(evaluation.rows[0].seq.ids[evaluation.rows[0].seq.answer_start:]).strip()
+    assert tok.decode(rows[0].seq.ids[rows[0].seq.answer_start:]).strip()
     evaluation.scorer.close()
 
 
 def test_rows_iti_zero_is_baseline_and_fasb_threshold_zero_never_fires(tiny_loaded, tiny_artifact):
-    evaluation = _evaluation(tiny_loaded, tiny_artifact)
+    evaluation, rows = _evaluation(tiny_loaded, tiny_artifact)
     base = evaluation.baseline()
     assert evaluation.iti(0.0)["acc"] == base["acc"]
     never = evaluation.fasb(5.0, 0.0, 10)
     assert never["steered_options"] == 0.0 and never["acc"] == base["acc"]
     always = evaluation.fasb(50.0, 1.01, 10)  # every option's last-token check fires
     assert always["steered_options"] == 1.0 and always["mean_strength"] > 0
-    unsteered = evaluation.scorer.score([evaluation.rows[0].seq])
+    unsteered = evaluation.scorer.score([rows[0].seq])
     assert unsteered[0].logprob == pytest.approx(evaluation.baseline_scores[0].logprob, abs=1e-5)
-    iti = evaluation.scorer.score([iti_from_prompt_end(evaluation.rows[0].seq, 50.0)])
+    iti = evaluation.scorer.score([iti_from_prompt_end(rows[0].seq, 50.0)])
     assert iti[0].logprob != pytest.approx(evaluation.baseline_scores[0].logprob, abs=1e-5)  # first token steered
     evaluation.scorer.close()
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from eval.bootstrap import bootstrap_interval, format_interval, paired_difference
+from eval.core.bootstrap import bootstrap_interval, format_interval, paired_difference
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loader import load_model
@@ -211,7 +211,7 @@ def test_paired_difference():
 
 
 def test_generation_interval_report_pairs_rows_by_question():
-    from eval.truthfulqa_gen import interval_report
+    from eval.truthfulqa.gen import interval_report
 
     def records(truthful):
         return [{"truthful": t, "uninformative": False, "backtracks": 0, "discarded_tokens": 0, "completion_tokens": 9}

@@ -108,7 +108,7 @@ def test_build_mixes_labelled_own_answers_into_training_only(tiny_model_dir, tmp
 
 
 def test_gen_answers_split_into_judged_true_and_the_rest(tmp_path):
-    from eval.false_alarm import judged_pairs
+    from eval.truthfulqa.false_alarm import judged_pairs
 
     def record(question, answer, truthful, uninformative=False):
         return {"question": question, "answer": answer, "truthful": truthful, "uninformative": uninformative}

@@ -95,7 +95,7 @@ def make_split(config: BuildConfig, groups: list[str]) -> Split:
 
 
 def _fold_record(config: BuildConfig) -> dict:
-    """Manifest keys that tell eval this artifact is one fold (eval/truthfulqa_folds.py pools the folds)."""
+    """Manifest keys that tell eval this artifact is one fold (eval/truthfulqa/folds.py pools the folds)."""
     return {"folds": config.folds, "fold": config.fold} if config.folds else {}
 
 
@@ -270,7 +270,9 @@ def _held_out_scores(acts: Activations, labels, split: Split, top, weights, bias
 
 
 def _position_report(acts: Activations, labels, rows: Split, top, weights, biases) -> tuple[dict, dict]:
-    """Held-out (test questions) accuracy, ECE and mean P(desired) per class, per position bucket."""
+    """Held-out (test questions) accuracy, AUROC, ECE and mean P(desired) per class, per position bucket."""
+    from steering_artifacts.builder.false_alarm import auroc
+
     test = rows.test
     p = probes.ensemble_probability(acts.select(test, top), weights, biases)
     y, names = labels[test], acts.buckets(test)
@@ -283,6 +285,7 @@ def _position_report(acts: Activations, labels, rows: Split, top, weights, biase
         report[name] = {
             "rows": int(members.sum()),
             "accuracy": float(((pm > 0.5) == ym.astype(bool)).mean()),
+            "auroc": auroc(pm[ym == 1], pm[ym == 0]) if 0 < ym.sum() < len(ym) else None,
             "ece": expected_calibration_error(pm, ym),
             "mean_p_desired": float(pm[ym == 1].mean()) if (ym == 1).any() else None,
             "mean_p_undesired": float(pm[ym == 0].mean()) if (ym == 0).any() else None,

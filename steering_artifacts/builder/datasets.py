@@ -1,41 +1,18 @@
-"""Labelled examples for probe training: TruthfulQA's mc2 targets, or a generic JSONL file."""
+"""Labelled examples for probe training: TruthfulQA's mc2 targets, a multiple-choice set, or a JSONL file.
+
+`Example` and `Dataset` live in examples.py (the loaders import them from there) and are re-exported here."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from steering_artifacts.builder.datasets_mc import MC_DATASETS, load_mc_dataset
+from steering_artifacts.builder.examples import Dataset, Example
+
+__all__ = ["Dataset", "Example", "load_dataset", "load_jsonl", "load_truthfulqa_mc2"]
+
 TRUTHFULQA_MC_FILE = "data/mc_task.json"
-
-
-@dataclass(frozen=True)
-class Example:
-    group: str  # split unit: all examples of one group land in the same split (e.g. one question)
-    label: int  # 1 = desired behaviour, 0 = undesired
-    question: str | None = None
-    answer: str | None = None
-    prompt: str | None = None  # verbatim text, for datasets without a question/answer structure
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    source: str
-    examples: list[Example]
-    selection: str | None = None  # how a subset was chosen (multiple-choice sets), for the manifest
-
-    @property
-    def sha256(self) -> str:
-        canonical = json.dumps([asdict(e) for e in self.examples], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-    def groups(self) -> list[str]:
-        return [e.group for e in self.examples]
-
-    def labels(self) -> list[int]:
-        return [e.label for e in self.examples]
 
 
 def load_truthfulqa_mc2(data_dir: str | Path) -> Dataset:
@@ -85,8 +62,6 @@ def _parse_jsonl_record(record: dict, where: str) -> Example:
 
 def load_dataset(name: str, data_dir: str | Path | None, max_items: int | None = None, seed: int = 0) -> Dataset:
     """`truthfulqa` or a multiple-choice set (both need `data_dir`), or the path of a .jsonl file."""
-    from steering_artifacts.builder.datasets_mc import MC_DATASETS, load_mc_dataset  # it imports this module
-
     if name in MC_DATASETS:
         if data_dir is None:
             raise ValueError(f"--dataset {name} needs --data-dir (e.g. ../shared/data/{name})")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steering_artifacts.builder.datasets import Dataset, Example
+from steering_artifacts.builder.examples import Dataset, Example
 
 COPA_FILE = "balanced_copa/balacopa-dev-all.xml"
 SNLI_FILE = "dev.jsonl"

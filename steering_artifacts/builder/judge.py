@@ -1,6 +1,6 @@
 """An offline truthfulness judge: is the answer closer to a true reference than to a false one?
 
-Shared by the evaluation (`eval/judge.py` re-exports it) and the artifact builder, which labels
+Shared by the evaluation (`eval/core/judge.py` re-exports it) and the artifact builder, which labels
 the model's own answers with it (`steering_artifacts/builder/on_policy.py`).
 
 This is the form of TruthfulQA's BLEU/ROUGE/BLEURT "acc" metrics (max similarity to a true

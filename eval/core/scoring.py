@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from eval.capture import AllPositionCapture
+from eval.core.capture import AllPositionCapture
 from server.engine.hf_compat import cache_kwarg, output_cache
 from server.steering.artifact import SteeringArtifact
 from server.steering.bank import BehaviorBank, head_weights

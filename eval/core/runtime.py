@@ -1,17 +1,41 @@
-"""Run many chat requests through the real Engine at once (it batches them) and keep the final text."""
+"""What an evaluation runs on: the model and an artifact in process (refusing a mismatched pair as
+the server does), or the real Engine in process, many chat requests at once (it batches them)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from server.config import Settings
 from server.engine.engine import Engine
+from server.engine.loader import LoadedModel, load_model
+from server.engine.quantize import quantize_weights
 from server.engine.types import Finished, GenerationRequest, Retraction, SamplingParams, SteeringParams, TextDelta
+from server.steering.artifact import SteeringArtifact, check_compatible, load_artifact
+
+log = logging.getLogger(__name__)
+
+
+def load_model_and_artifact(model: str, artifact_dir: str | Path, device: str = "auto",
+                            threads: int | None = None, quantization: str = "none",
+                            ) -> tuple[LoadedModel, SteeringArtifact]:
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load_model(model, device=device)
+    artifact = load_artifact(artifact_dir)
+    check_compatible(artifact, loaded.model)
+    # As the server does (server/engine/engine.py): o_proj stays as it is, so the artifact's
+    # steering vectors and probes see the same weights and activations as in fp32.
+    quantize_weights(loaded.model, quantization)
+    log.info("artifact %s (%s format, %d heads) on %s", artifact.behavior, artifact.prompt_format,
+             artifact.num_heads, loaded.model_id)
+    return loaded, artifact
 
 
 @dataclass(frozen=True)

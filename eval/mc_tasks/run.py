@@ -1,7 +1,7 @@
 """`python -m eval mc`: per task, choose ITI/FASB values on validation items, then score held-out items.
 
 For each task: load its artifact (`<artifact-root>/<behaviour>`), rebuild its dataset and split
-(eval/mc_tasks_data.py), sweep ITI alphas and FASB alpha x threshold on the validation groups
+(eval/mc_tasks/data.py), sweep ITI alphas and FASB alpha x threshold on the validation groups
 (max acc, ties: acc_norm, then the smaller alpha / lower threshold — the lighter intervention;
 the first `--val-limit` validation items, default 100, to keep the sweep affordable on a CPU),
 then report baseline / ITI / FASB with those values on the held-out test groups. One table for
@@ -19,11 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from eval.mc_scoring import MCScorer
-from eval.mc_tasks_data import load_artifact_dataset, split_groups, task_items
-from eval.mc_tasks_eval import TaskEvaluation, encode_items
-from eval.recommended import write_recommended
-from eval.report import RESULTS_DIR, print_table, write_json
+from eval.core.evaluation import Evaluation
+from eval.core.recommended import write_recommended
+from eval.core.report import RESULTS_DIR, print_table, write_json
+from eval.core.scoring import MCScorer
+from eval.mc_tasks.data import load_artifact_dataset, split_groups, task_items
+from eval.mc_tasks.options import encode_items, monitor_summary, task_evaluation
 from server.engine.loader import load_model
 from server.steering.artifact import artifacts_root, check_compatible, load_artifact, model_slug
 
@@ -33,20 +34,22 @@ TASK_BEHAVIORS = {"copa": "copa", "snli": "nli", "mmlu": "mmlu", "winogrande": "
 TABLE_COLUMNS = ["task", "row", "alpha", "threshold", "acc", "acc_norm", "items", "steered_options", "seconds"]
 
 
-def _evaluation(loaded, artifact, manifest: dict, args, split: str) -> TaskEvaluation:
+def _evaluation(loaded, artifact, manifest: dict, args, split: str) -> tuple[Evaluation, dict]:
+    """The split's evaluation (its baseline pass done) and the monitor's summary on it."""
     dataset = load_artifact_dataset(manifest, Path(args.data_root))
     limits = [n for n in (args.limit, args.val_limit if split == "val" else None) if n]
     items = task_items(dataset, split_groups(manifest, split))[: min(limits) if limits else None]
     rows, prefix = encode_items(items, loaded.tokenizer)
     log.info("%s: %d %s items, %d options", artifact.behavior, len(items), split, len(rows))
-    return TaskEvaluation(MCScorer(loaded.model, artifact, prefix, batch_rows=args.batch_rows), items, rows)
+    evaluation = task_evaluation(MCScorer(loaded.model, artifact, prefix, batch_rows=args.batch_rows), items, rows)
+    return evaluation, monitor_summary(evaluation, items, rows)
 
 
 def _lightest_best(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (round(r["acc"], 6), round(r["acc_norm"], 6), -r["alpha"], -r.get("threshold", 0)))
 
 
-def sweep(evaluation: TaskEvaluation, args) -> dict:
+def sweep(evaluation: Evaluation, args) -> dict:
     """Validation rows and the chosen ITI / FASB values."""
     iti = [evaluation.iti(a) for a in args.alphas]
     fasb = [evaluation.fasb(a, t, args.backtrack_tokens) for a in args.alphas for t in args.thresholds]
@@ -60,11 +63,11 @@ def run_task(loaded, task: str, args) -> dict:
     artifact = load_artifact(artifact_dir)
     check_compatible(artifact, loaded.model)
     started = time.perf_counter()
-    val = _evaluation(loaded, artifact, artifact.manifest, args, "val")
+    val, _ = _evaluation(loaded, artifact, artifact.manifest, args, "val")
     tuned = sweep(val, args)
     val.scorer.close()
     chosen_iti, chosen_fasb = tuned["chosen"]["iti"], tuned["chosen"]["fasb"]
-    test = _evaluation(loaded, artifact, artifact.manifest, args, "test")
+    test, monitor = _evaluation(loaded, artifact, artifact.manifest, args, "test")
     rows = [test.baseline(), test.iti(chosen_iti["alpha"]),
             test.fasb(chosen_fasb["alpha"], chosen_fasb["threshold"], args.backtrack_tokens)]
     test.scorer.close()
@@ -78,7 +81,7 @@ def run_task(loaded, task: str, args) -> dict:
     return {"task": task, "behavior": behavior, "artifact": str(artifact_dir),
             "probe_accuracy": artifact.manifest.get("accuracy", {}).get("ensemble_test"),
             "validation": tuned, "test": [{"task": task, **r} for r in rows],
-            "monitor_test": test.monitor_summary(), "seconds": round(time.perf_counter() - started, 1)}
+            "monitor_test": monitor, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _average_rows(results: list[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from eval.mc_tasks_data import DEFAULT_DATA_ROOT
+from eval.mc_tasks.data import DEFAULT_DATA_ROOT
 
 DEFAULT_ALPHAS = (2.0, 5.0, 10.0, 20.0)
 DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6)
@@ -16,8 +16,9 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
 
 
-def add_mc_parser(benchmarks) -> None:
+def add_parser(benchmarks) -> None:
     p = benchmarks.add_parser("mc", help="multiple-choice tasks: baseline / ITI / FASB accuracy on held-out items")
+    p.set_defaults(run=run)
     p.add_argument("--task", required=True, help="copa, snli, mmlu, winogrande or all (a JSONL-built artifact: "
                                                  "any name, with --behavior)")
     p.add_argument("--behavior", help="artifact folder name under --artifact-root (default: the task's)")
@@ -38,7 +39,7 @@ def add_mc_parser(benchmarks) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from eval.mc_tasks import TASK_BEHAVIORS, run_mc_tasks
+    from eval.mc_tasks.run import TASK_BEHAVIORS, run_mc_tasks
 
     if args.task not in (*TASK_BEHAVIORS, "all") and not args.behavior:
         raise SystemExit(f"--task {args.task}: not a built-in task; name its artifact with --behavior")

@@ -13,8 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from eval.report import print_table, write_json
-from eval.runtime import load_model_and_artifact
+from eval.core.report import print_table, write_json
+from eval.core.runtime import load_model_and_artifact
 from steering_artifacts.builder.false_alarm import (
     DEFAULT_SET,
     false_alarm_report,
@@ -26,6 +26,7 @@ from steering_artifacts.builder.false_alarm import (
 
 def add_parser(benchmarks) -> None:
     p = benchmarks.add_parser("false-alarm", help="monitor firing rate on plainly correct short answers")
+    p.set_defaults(run=run)
     p.add_argument("--artifact", required=True, help="artifact folder (chat format: the server's monitor)")
     p.add_argument("--set", default=str(DEFAULT_SET), help="JSONL of {question, answer} correct answers")
     p.add_argument("--false-set", help="JSONL of false answers (e.g. eval/data/everyday_false.jsonl): also report "

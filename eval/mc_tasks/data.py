@@ -15,7 +15,7 @@ from pathlib import Path
 from steering_artifacts.builder.datasets import Dataset, load_dataset
 from steering_artifacts.builder.datasets_mc import MC_DATASETS
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass(frozen=True)

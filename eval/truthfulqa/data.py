@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 MC_FILE = "data/mc_task.json"
 CSV_FILE = "TruthfulQA.csv"
 PRIMER_FILE = "QA_PRIMER.txt"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "truthfulqa"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.report import print_table, write_json
+from eval.core.report import print_table, write_json
 from server.steering.artifact import MANIFEST_FILE
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import logging
 import time
 from pathlib import Path
 
-from eval.report import print_table, write_json
-from eval.truthfulqa_data import load_questions
-from eval.truthfulqa_gen import GEN_COLUMNS, gen_rows, interval_report, print_intervals, summary
+from eval.core.report import print_table, write_json
+from eval.truthfulqa.data import load_questions
+from eval.truthfulqa.gen import GEN_COLUMNS, gen_rows, interval_report, print_intervals, summary
 from server.steering.artifact import MANIFEST_FILE, load_artifact
 
 log = logging.getLogger(__name__)

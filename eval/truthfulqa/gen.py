@@ -8,12 +8,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from eval.bootstrap import bootstrap_interval, format_interval, paired_difference
-from eval.generation import Generated, generate, start_engine, stop_engine
-from eval.judge import MiniLMEmbedder, embed_references, is_uninformative, judge_answers
-from eval.recommended import finish_sweep, row_values
-from eval.report import print_table, write_json
-from eval.truthfulqa_data import Question, load_questions, split_ids
+from eval.core.bootstrap import bootstrap_interval, format_interval, paired_difference
+from eval.core.runtime import Generated, generate, start_engine, stop_engine
+from eval.core.judge import MiniLMEmbedder, embed_references, is_uninformative, judge_answers
+from eval.core.recommended import finish_sweep, row_values
+from eval.core.report import print_table, write_json
+from eval.truthfulqa.data import Question, load_questions, split_ids
 from server.engine.types import SteeringParams
 from server.steering.artifact import load_artifact
 
@@ -65,7 +65,7 @@ class GenerationRun:
 
 
 def summary(name: str, alpha, threshold, records: list[dict], seconds: float) -> dict:
-    """A row's metrics from its judged records (also pooled over folds: eval/truthfulqa_folds.py)."""
+    """A row's metrics from its judged records (also pooled over folds: eval/truthfulqa/folds.py)."""
     n = len(records)
     generated = sum(r["completion_tokens"] + r["discarded_tokens"] for r in records)
     return {
@@ -162,7 +162,7 @@ def false_alarm_rates(args, thresholds) -> dict[float, float]:
     """Monitor firing rate on the committed correct answers at each threshold (s = --backtrack-tokens).
 
     Runs before the engine starts, so no torch work shares the process with the decode thread."""
-    from eval.runtime import load_model_and_artifact
+    from eval.core.runtime import load_model_and_artifact
     from steering_artifacts.builder.false_alarm import firing_rate, load_pairs, score_answers
 
     loaded, artifact = load_model_and_artifact(args.model, args.artifact, args.device, args.threads,
