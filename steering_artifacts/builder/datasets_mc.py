@@ -5,10 +5,11 @@ Every item becomes one example per answer option: `question` is the item rendere
 `qa` format turns that into "Q: {question} A: {option}" and the probe reads the option's last
 token; the evaluation (`python -m eval mc`) scores the same text by the option's log-likelihood.
 
-Why this template and not the letter templates of ../shared/PROMPT_FORMATS.md (SADI): a letter
-answer ("A"/"B") is one token whose activation says little about the option's content, and the
-135M model answers letter prompts near chance; the option text appended to the question is what
-the FASB/ITI probes read on TruthfulQA ("Q: … A: …"), so the same probe code applies unchanged.
+Why this template and not the letter templates of related work (SADI: options listed, answer a
+letter): a letter answer ("A"/"B") is one token whose activation says little about the option's
+content, and the 135M model answers letter prompts near chance; the option text appended to the
+question is what the FASB/ITI probes read on TruthfulQA ("Q: … A: …"), so the same probe code
+applies unchanged.
 
 Groups (the split unit) are item ids, except for COPA where an item and its Balanced-COPA mirror
 (id + 1000, same two alternatives with the other one correct) share a group, so no alternative
@@ -159,7 +160,7 @@ def items_to_examples(items: list[Item]) -> list[Example]:
 
 
 def load_mc_dataset(name: str, data_dir: str | Path, max_items: int | None = None, seed: int = 0) -> Dataset:
-    """`name` in MC_DATASETS, read from `data_dir` (e.g. ../shared/data/copa); `max_items` None = default cap."""
+    """`name` in MC_DATASETS, read from `data_dir` (its data folder, e.g. copa/); `max_items` None = default cap."""
     loader, source = ITEM_LOADERS[name]
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
