@@ -33,12 +33,13 @@ def _logprobs(texts: list[str]) -> list[TokenLogprob]:
 
 def backtracking_script(request: GenerationRequest) -> list[EngineEvent]:
     """"Paris is" + " in Italy" (retracted) + " the capital." — final text "Paris is the capital."."""
-    report = SteeringReport("fasb", "truthfulness", True, [Backtrack(4, 2, 0.31, 41.4)])
+    report = SteeringReport("fasb", ("truthfulness",), True, [Backtrack(4, 2, 0.31, 41.4, ("truthfulness",))])
     return [
         TextDelta("Paris", [1], _logprobs(["Paris"])),
         TextDelta(" is", [2], _logprobs([" is"])),
         TextDelta(" in Italy", [3, 4], _logprobs([" in", " Italy"])),
-        Retraction(text=" in Italy", tokens=2, sent_tokens=2, token_index=4, probe_score=0.31, strength=41.4),
+        Retraction(text=" in Italy", tokens=2, sent_tokens=2, token_index=4, probe_score=0.31, strength=41.4,
+                   behaviors=("truthfulness",)),
         TextDelta(" the capital.", [5, 6], _logprobs([" the", " capital."])),
         Finished("stop", PROMPT_TOKENS, completion_tokens=4, discarded_tokens=2, steering=report),
     ]

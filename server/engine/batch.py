@@ -39,7 +39,8 @@ class Batch:
         self.rows: list[Sequence] = []
         self._dirty = True
         self._sampling: SamplingTensors | None = None
-        self._probe_weights: dict[str, torch.Tensor] = {}
+        self._probe_weights: dict[str, torch.Tensor] = {}  # {behaviour: [B, K]}, in score-column order
+        self._score_columns: list[tuple[int, ...]] = []  # per row: its behaviours' columns of the scores
         # penalties, logit_bias, min_tokens, grammar masks (server/engine/logits.py)
         self._processors = LogitsProcessors(runner.model.config.vocab_size, eos_ids, self.model.device)
 
@@ -86,10 +87,10 @@ class Batch:
             if b in failed or not finite_cpu[b]:
                 _fail_row(row, "the model produced non-finite numbers" if b not in failed else failed[b])
                 continue
-            strength = row.strength
+            strengths = row.strengths
             answer_tokens = len(row.generated)
             try:
-                row.advance(columns[b], scores_cpu[b] if row.scoring else None, tokens_cpu[b], logprobs[b])
+                row.advance(columns[b], self._row_scores(b, scores_cpu[b]), tokens_cpu[b], logprobs[b])
             except Exception as exc:  # a bug in one row's bookkeeping: that row fails, not the batch
                 log.exception("request %s failed while applying its token", row.request.request_id)
                 _fail_row(row, type(exc).__name__)
@@ -102,7 +103,7 @@ class Batch:
             elif len(row.generated) == answer_tokens + 1:
                 counted_rows.append(b)
                 counted_tokens.append(row.generated[-1])
-            if row.strength != strength:
+            if row.strengths != strengths:
                 self._dirty = True
         if not self._dirty:
             self._processors.accepted(counted_rows, counted_tokens)
@@ -137,39 +138,48 @@ class Batch:
         self._dirty = False
 
     def _steering_vectors(self) -> torch.Tensor | None:
-        """[B, taps, hidden]: row b's strength times its behaviour's vector (zero if unsteered)."""
-        if not any(r.strength for r in self.rows):
+        """[B, taps, hidden]: the sum over row b's behaviours of strength times vector (zero if unsteered)."""
+        if not any(any(r.strengths) for r in self.rows):
             return None
-        per_row = []
-        for row in self.rows:
-            if row.strength:
-                bank = self.banks[row.steering.behavior]
-                per_row.append(bank.unit_vectors(row.steering.num_heads) * row.strength)
-            else:
-                per_row.append(None)
+        per_row = [self._row_vector(row) for row in self.rows]
         template = next(v for v in per_row if v is not None)
         return torch.stack([v if v is not None else torch.zeros_like(template) for v in per_row])
 
+    def _row_vector(self, row: Sequence) -> torch.Tensor | None:
+        total = None
+        for setting, strength in zip(row.steering.behaviors if row.steering else (), row.strengths):
+            if strength:
+                part = self.banks[setting.name].unit_vectors(setting.num_heads) * strength
+                total = part if total is None else total + part
+        return total
+
     def _monitor_weights(self) -> dict[str, torch.Tensor]:
-        """{behaviour: [B, K]} averaging each scoring row's top-n heads; zero rows elsewhere."""
+        """{behaviour: [B, K]} averaging each scoring row's top-n heads of it; zero rows elsewhere.
+        Also maps each row to its behaviours' columns of `_probe_scores`."""
         weights: dict[str, torch.Tensor] = {}
         for name, bank in self.banks.items():
-            rows = [r.steering.num_heads if r.scoring and r.steering.behavior == name else 0 for r in self.rows]
+            rows = [_heads_of(r, name) if r.scoring else 0 for r in self.rows]
             if any(rows):
                 zero = torch.zeros(bank.num_heads, device=self.model.device)
                 weights[name] = torch.stack([head_weights(n, bank.num_heads, zero.device) if n else zero for n in rows])
+        column = {name: j for j, name in enumerate(weights)}
+        self._score_columns = [tuple(column[n] for n in r.steering.names) if r.scoring else () for r in self.rows]
         return weights
 
     def _probe_scores(self, captured: torch.Tensor | None) -> torch.Tensor | None:
-        """[B] mean P(desired) over each scoring row's heads, at the position just fed.
-        captured: the tap layers' head activations [taps, B, H*D]."""
+        """[B, behaviours]: each monitored behaviour's mean P(desired) over a row's heads, at the position
+        just fed (zero where a row does not monitor it). captured: the tap layers' head activations
+        [taps, B, H*D]."""
         if not self._probe_weights or captured is None:
             return None
-        total = None
-        for name, weights in self._probe_weights.items():
-            part = (self.banks[name].head_probabilities(captured) * weights).sum(-1)
-            total = part if total is None else total + part
-        return total
+        parts = [(self.banks[name].head_probabilities(captured) * weights).sum(-1)
+                 for name, weights in self._probe_weights.items()]
+        return torch.stack(parts, dim=-1)
+
+    def _row_scores(self, b: int, scores: list[float] | None) -> tuple[float, ...] | None:
+        """Row b's own behaviours' scores, in the order its request listed them."""
+        columns = self._score_columns[b] if b < len(self._score_columns) else ()
+        return tuple(scores[j] for j in columns) if columns and scores is not None else None
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         wanted = [r.request.sampling.top_logprobs if r.wants_logprobs else -1 for r in self.rows]
@@ -196,12 +206,22 @@ def _fail_row(row: Sequence, why: str) -> None:
     row.fail(ServerError(f"generation failed for this request: {why}; other requests were not affected"))
 
 
+def _heads_of(row: Sequence, name: str) -> int:
+    """How many of behaviour `name`'s heads the row averages (0: it does not monitor it)."""
+    return next((b.num_heads for b in row.steering.behaviors if b.name == name), 0)
+
+
 def _to_host(
     tokens: torch.Tensor, scores: torch.Tensor | None, finite: torch.Tensor
 ) -> tuple[list[int], list, list[bool]]:
-    """One device->host transfer (one sync) for everything the per-row decisions need."""
+    """One device->host transfer (one sync) for everything the per-row decisions need.
+    scores: [B, behaviours] -> per row a list of floats."""
     n = tokens.shape[0]
-    parts = [tokens.double(), finite.double()] + ([] if scores is None else [scores.double()])
+    parts = [tokens.double(), finite.double()] + ([] if scores is None else [scores.double().flatten()])
     packed = torch.cat(parts).tolist()  # ids < 2**53 survive float64
-    scores_cpu = packed[2 * n :] if scores is not None else [None] * n
+    if scores is None:
+        scores_cpu = [None] * n
+    else:
+        width = scores.shape[1]
+        scores_cpu = [packed[2 * n + b * width : 2 * n + (b + 1) * width] for b in range(n)]
     return [int(t) for t in packed[:n]], scores_cpu, [bool(f) for f in packed[n : 2 * n]]

@@ -99,7 +99,7 @@ class Engine:
         self._grammars: GrammarCompiler | None = None  # None: this tokenizer cannot do structured output
         self._steering_defaults = SteeringParams(
             mode=settings.steering_mode,
-            behavior=settings.default_behavior,
+            behavior=_behavior_names(settings.default_behavior),
             alpha=settings.alpha,
             threshold=settings.threshold,
             backtrack_tokens=settings.backtrack_tokens,
@@ -231,8 +231,9 @@ class Engine:
             self._behavior_defaults[artifact.behavior] = BehaviorDefaults(
                 artifact.alpha, artifact.threshold, artifact.backtrack_tokens, artifact.num_heads
             )
-        if s.default_behavior and s.default_behavior not in self._banks:
-            raise ValueError(f"--default-behavior {s.default_behavior!r} is not among {sorted(self._banks)}")
+        unknown = [n for n in _behavior_names(s.default_behavior) or () if n not in self._banks]
+        if unknown:
+            raise ValueError(f"--default-behavior names {', '.join(unknown)}, which is not among {sorted(self._banks)}")
 
     # -- queries
     def behaviors(self) -> list[BehaviorInfo]:
@@ -245,6 +246,8 @@ class Engine:
                 threshold=bank.artifact.threshold,
                 backtrack_tokens=bank.artifact.backtrack_tokens,
                 val_accuracy=float(bank.artifact.val_accuracy.mean()),
+                description=bank.artifact.description,
+                **bank.artifact.quality,
             )
             for name, bank in self._banks.items()
         ]
@@ -460,3 +463,9 @@ def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
         eos = loaded.tokenizer.eos_token_id
     ids = eos if isinstance(eos, list) else [eos]
     return frozenset(int(i) for i in ids if i is not None)
+
+
+def _behavior_names(flag: str | None) -> tuple[str, ...] | None:
+    """--default-behavior's comma-separated names (None: not set)."""
+    names = tuple(n.strip() for n in (flag or "").split(",") if n.strip())
+    return names or None

@@ -14,7 +14,7 @@ from typing import Callable
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.stops import StopMatcher
-from server.engine.types import EngineEvent, Retraction, TextDelta, TokenLogprob
+from server.engine.types import Backtrack, EngineEvent, Retraction, TextDelta, TokenLogprob
 
 
 class TextOutput:
@@ -44,7 +44,7 @@ class TextOutput:
         self.stop_at = self._stops.find(self._detok.text, searched)
         return self.stop_at is not None
 
-    def rollback(self, n: int, token_index: int, probe_score: float, strength: float, announce: bool) -> None:
+    def rollback(self, n: int, decided: Backtrack, announce: bool) -> None:
         """Drop the newest n tokens; emit the Retraction of whatever of them was already sent."""
         old_text = self._detok.text
         kept = len(self._token_ids) - n
@@ -56,7 +56,8 @@ class TextOutput:
         self._sent_chars = min(self._sent_chars, len(new_text))
         self._sent_tokens -= dropped_sent
         if announce:
-            self._emit(Retraction(retract_text, n, dropped_sent, token_index, probe_score, strength))
+            self._emit(Retraction(retract_text, n, dropped_sent, decided.token_index, decided.probe_score,
+                                  decided.strength, decided.behaviors))
 
     def release(self) -> None:
         """Send whatever text can no longer change."""

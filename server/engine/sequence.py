@@ -64,7 +64,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
     next_input: int = 0
-    scores: list[float] = field(default_factory=list)  # probe score after each generated token
+    scores: list[tuple[float, ...]] = field(default_factory=list)  # each behaviour's probe score after each generated token
     eos_emitted: bool = False
     finish_reason: FinishReason | None = None
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
@@ -88,9 +88,9 @@ class Sequence:
         return len(self.cols)
 
     @property
-    def strength(self) -> float:
-        """Steering strength c applied to every position fed from now on."""
-        return self.controller.strength if self.controller is not None else 0.0
+    def strengths(self) -> tuple[float, ...]:
+        """Per monitored behaviour, the steering strength c applied to every position fed from now on."""
+        return self.controller.strengths if self.controller is not None else ()
 
     @property
     def backtracks(self) -> list[Backtrack]:
@@ -124,8 +124,9 @@ class Sequence:
     def wants_logprobs(self) -> bool:
         return self.request.sampling.logprobs
 
-    def advance(self, column: int, score: float | None, token: int, logprob: TokenLogprob | None) -> None:
-        """Apply one forward pass: `column` now holds `next_input`; `token` was sampled from it."""
+    def advance(self, column: int, score: tuple[float, ...] | None, token: int, logprob: TokenLogprob | None) -> None:
+        """Apply one forward pass: `column` now holds `next_input`; `token` was sampled from it;
+        `score`: each monitored behaviour's probe score at that position."""
         self.cols.append(column)
         if score is not None and self.generated:
             del self.scores[len(self.generated) - 1 :]
@@ -143,7 +144,8 @@ class Sequence:
                 return
         self._accept(token, logprob, score, checked)
 
-    def _accept(self, token: int, logprob: TokenLogprob | None, score: float | None, checked: bool) -> None:
+    def _accept(self, token: int, logprob: TokenLogprob | None, score: tuple[float, ...] | None,
+                checked: bool) -> None:
         if token in self.eos_ids and not self.request.sampling.ignore_eos:
             self.eos_emitted = True
             self.finish_reason = "stop"
@@ -164,7 +166,7 @@ class Sequence:
             return
         self.output.release()
 
-    def _final_check(self, score: float | None, already_checked: bool = False) -> None:
+    def _final_check(self, score: tuple[float, ...] | None, already_checked: bool = False) -> None:
         """The last step is always checked: backtrack if the finished answer scores too low."""
         if self.can_backtrack and not already_checked and score is not None:
             decided = self.controller.check(score, len(self.generated))
@@ -179,7 +181,7 @@ class Sequence:
         last prompt token is then re-fed with steering on)."""
         drop, generated = decided.tokens_retracted, len(self.generated)
         announce = self.steering.stream_mode == "retract"
-        self.output.rollback(drop, generated, decided.probe_score, decided.strength, announce=announce)
+        self.output.rollback(drop, decided, announce=announce)
         kept = generated - drop
         del self.generated[kept:], self.scores[kept:]
         self.decoding.rollback(drop)

@@ -87,6 +87,7 @@ class Retraction:
     token_index: int  # tokens generated when the check fired
     probe_score: float
     strength: float
+    behaviors: tuple[str, ...] = ()  # the behaviours that fired, lowest score first
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class BehaviorInfo:
     threshold: float
     backtrack_tokens: int
     val_accuracy: float | None = None
+    description: str | None = None
+    heldout_auroc: float | None = None  # the probes' ensemble on held-out answers
+    heldout_accuracy: float | None = None
+    false_alarm_rate: float | None = None  # share of ordinary answers the monitor fires on at `threshold`
 
 
 EngineEvent = Union[TextDelta, Retraction, Finished]

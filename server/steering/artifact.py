@@ -76,6 +76,22 @@ class SteeringArtifact:
     def backtrack_tokens(self) -> int:
         return int(self.manifest["recommended"]["backtrack_tokens"])
 
+    @property
+    def description(self) -> str | None:
+        return self.manifest.get("description")
+
+    @property
+    def quality(self) -> dict[str, float | None]:
+        """What the build measured on held-out data, for clients to judge the monitor by."""
+        measured = self.manifest.get("quality", {})
+        accuracy = self.manifest.get("accuracy", {})
+        false_alarm = measured.get("false_alarm_rate", self.manifest["recommended"].get("false_alarm_rate"))
+        return {
+            "heldout_auroc": measured.get("heldout_auroc"),
+            "heldout_accuracy": measured.get("heldout_accuracy", accuracy.get("ensemble_test")),
+            "false_alarm_rate": false_alarm,
+        }
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _INT_TENSORS + _FLOAT_TENSORS}
 
@@ -201,6 +217,9 @@ def model_fingerprint(model: nn.Module, layers: Iterable[int]) -> dict:
     projections = attention_output_projections(model)
     digest = hashlib.sha256()
     for layer in layer_ids:
+        if layer >= len(projections):  # an artifact of a deeper model: num_layers differs, say that
+            digest.update(f"{layer}:missing".encode())
+            continue
         weight = projections[layer].weight.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
         digest.update(f"{layer}:{tuple(weight.shape)}".encode())
         digest.update(weight.view(torch.int16).numpy().tobytes())

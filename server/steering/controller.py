@@ -27,7 +27,7 @@ class SteeringController:
     def __init__(self, config: SteeringConfig, discard_budget: int) -> None:
         self.config = config
         self.discard_budget = discard_budget  # tokens backtracks may throw away in all
-        self.strength = 0.0
+        self.strengths = (0.0,) * len(config.behaviors)  # per behaviour, applied to every position fed from now on
         self.backtracks: list[Backtrack] = []
         self.discarded = 0
         self.checks = 0
@@ -40,8 +40,8 @@ class SteeringController:
         """Whether the token just generated (the `generated`-th) is checked by the probes."""
         return False
 
-    def check(self, score: float, generated: int) -> Backtrack | None:
-        """A due check with probe score `score`: the backtrack to make, or None to keep going."""
+    def check(self, scores: tuple[float, ...], generated: int) -> Backtrack | None:
+        """A due check with each behaviour's probe score: the backtrack to make, or None to keep going."""
         self.checks += 1
         return None
 
@@ -49,14 +49,20 @@ class SteeringController:
         """Newest tokens a `hold` stream must not send yet (they may still be taken back)."""
         return 0
 
-    def report(self, scores: list[float]) -> SteeringReport:
+    def report(self, scores: list[tuple[float, ...]]) -> SteeringReport:
+        """`scores`: per final token, each behaviour's probe score."""
         cfg = self.config
+        names = cfg.names
+        lowest = [min(s) for s in scores] if cfg.return_scores else None
+        by_behavior = ({n: [s[i] for s in scores] for i, n in enumerate(names)}
+                       if cfg.return_scores and len(names) > 1 else None)
         return SteeringReport(
             mode=cfg.mode,
-            behavior=cfg.behavior,
+            behaviors=names,
             intervened=bool(self.backtracks) or self.intervenes_always,
             backtracks=list(self.backtracks),
-            scores=list(scores) if cfg.return_scores else None,
+            scores=lowest,
+            behavior_scores=by_behavior,
             checks=self.checks,
         )
 

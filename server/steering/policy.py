@@ -24,13 +24,20 @@ class BehaviorDefaults:
 
 
 @dataclass(frozen=True)
-class SteeringConfig:
-    mode: SteeringMode
-    behavior: str
+class BehaviorSetting:
+    """One monitored behaviour's effective values within a request."""
+
+    name: str
     alpha: float
     threshold: float
-    backtrack_tokens: int
     num_heads: int
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    mode: SteeringMode
+    behaviors: tuple[BehaviorSetting, ...]  # monitored (and steered) together, in the request's order
+    backtrack_tokens: int
     adaptive: bool
     max_backtracks: int
     stream_mode: StreamMode
@@ -40,9 +47,19 @@ class SteeringConfig:
     def monitors(self) -> bool:
         return self.mode in ("monitor", "fasb")
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.behaviors)
+
 
 def _pick(*values):
     return next(v for v in values if v is not None)
+
+
+def _names(behavior: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if behavior is None:
+        return ()
+    return (behavior,) if isinstance(behavior, str) else tuple(behavior)
 
 
 def resolve_steering(
@@ -54,6 +71,8 @@ def resolve_steering(
 
     `server` holds the server flags (None: use the artifact's recommendation); its `mode` is the
     default mode, "monitor" (scores only) unless the flags say otherwise (docs/steering.md).
+    `behavior` may name several artifacts: each keeps its own recommended alpha and threshold unless
+    the request sets one for all; the check interval is the longest recommended one.
     """
     asked = request or SteeringParams()
     mode = _pick(asked.mode, server.mode, "monitor")
@@ -66,7 +85,24 @@ def resolve_steering(
             f"steering mode '{mode}' needs a steering artifact, and this server has none loaded",
             param="steering.mode",
         )
-    name = asked.behavior or server.behavior or next(iter(behaviors))
+    names = _names(asked.behavior) or _names(server.behavior) or (next(iter(behaviors)),)
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"steering.behavior names a behavior twice: {list(names)}", param="steering.behavior")
+    settings = tuple(_setting(name, asked, server, behaviors) for name in names)
+    return SteeringConfig(
+        mode=mode,
+        behaviors=settings,
+        backtrack_tokens=_pick(asked.backtrack_tokens, server.backtrack_tokens,
+                               max(behaviors[n].backtrack_tokens for n in names)),
+        adaptive=_pick(asked.adaptive, server.adaptive, True),
+        max_backtracks=_pick(asked.max_backtracks, server.max_backtracks, 1),
+        stream_mode=_pick(asked.stream_mode, "retract" if request is not None else "hold"),
+        return_scores=asked.return_scores,
+    )
+
+
+def _setting(name: str, asked: SteeringParams, server: SteeringParams,
+             behaviors: dict[str, BehaviorDefaults]) -> BehaviorSetting:
     if name not in behaviors:
         raise InvalidRequestError(
             f"unknown steering behavior '{name}'; loaded: {', '.join(sorted(behaviors))}",
@@ -79,17 +115,11 @@ def resolve_steering(
             f"steering.num_heads is {num_heads}, but behavior '{name}' has {artifact.num_heads} heads",
             param="steering.num_heads",
         )
-    return SteeringConfig(
-        mode=mode,
-        behavior=name,
+    return BehaviorSetting(
+        name=name,
         alpha=_pick(asked.alpha, server.alpha, artifact.alpha),
         threshold=_pick(asked.threshold, server.threshold, artifact.threshold),
-        backtrack_tokens=_pick(asked.backtrack_tokens, server.backtrack_tokens, artifact.backtrack_tokens),
         num_heads=num_heads,
-        adaptive=_pick(asked.adaptive, server.adaptive, True),
-        max_backtracks=_pick(asked.max_backtracks, server.max_backtracks, 1),
-        stream_mode=_pick(asked.stream_mode, "retract" if request is not None else "hold"),
-        return_scores=asked.return_scores,
     )
 
 

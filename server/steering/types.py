@@ -26,7 +26,7 @@ class SteeringParams:
     """What a request asked for; None fields fall back to server / artifact defaults."""
 
     mode: SteeringMode | None = None
-    behavior: str | None = None
+    behavior: str | tuple[str, ...] | None = None  # one artifact, or several monitored at once
     alpha: float | None = None
     threshold: float | None = None
     backtrack_tokens: int | None = None
@@ -41,15 +41,21 @@ class SteeringParams:
 class Backtrack:
     token_index: int
     tokens_retracted: int
-    probe_score: float
-    strength: float
+    probe_score: float  # of the first behaviour that fired (the lowest score)
+    strength: float  # the strength that behaviour now steers with
+    behaviors: tuple[str, ...] = ()  # every behaviour that fired, lowest score first
 
 
 @dataclass(frozen=True)
 class SteeringReport:
     mode: SteeringMode
-    behavior: str | None
+    behaviors: tuple[str, ...]  # monitored or steered, in the request's order
     intervened: bool
     backtracks: list[Backtrack]
-    scores: list[float] | None = None  # per final token, with return_scores
+    scores: list[float] | None = None  # per final token, with return_scores: the lowest over behaviours
+    behavior_scores: dict[str, list[float]] | None = None  # per behaviour, when more than one
     checks: int = 0  # probe checks made (for metrics)
+
+    @property
+    def behavior(self) -> str | None:
+        return self.behaviors[0] if self.behaviors else None

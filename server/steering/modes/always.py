@@ -1,4 +1,4 @@
-"""`always` (ITI): steer every generated token at the fixed strength alpha; no probes."""
+"""`always` (ITI): steer every generated token at the fixed strength alpha (each listed behaviour its own); no probes."""
 
 from __future__ import annotations
 
@@ -11,4 +11,4 @@ class Controller(SteeringController):
 
     def __init__(self, config, discard_budget: int) -> None:
         super().__init__(config, discard_budget)
-        self.strength = config.alpha
+        self.strengths = tuple(b.alpha for b in config.behaviors)

@@ -23,14 +23,22 @@ class Controller(SteeringController):
     def check_due(self, generated: int) -> bool:
         return self.can_backtrack and generated > 0 and check_due(generated, self.config.backtrack_tokens, final=False)
 
-    def check(self, score: float, generated: int) -> Backtrack | None:
+    def check(self, scores: tuple[float, ...], generated: int) -> Backtrack | None:
+        """Backtrack when any behaviour's score is under its threshold; each that fired steers from
+        then on at its own strength, the others keep theirs."""
         self.checks += 1
         cfg = self.config
-        if score >= cfg.threshold:
+        fired = sorted((p, i) for i, (p, b) in enumerate(zip(scores, cfg.behaviors)) if p < b.threshold)
+        if not fired:
             return None
         drop = tokens_to_drop(generated, cfg.backtrack_tokens)
-        self.strength = steering_strength(score, cfg.alpha, cfg.adaptive)
-        self.backtracks.append(Backtrack(generated, drop, score, self.strength))
+        strengths = list(self.strengths)
+        for p, i in fired:
+            strengths[i] = steering_strength(p, cfg.behaviors[i].alpha, cfg.adaptive)
+        self.strengths = tuple(strengths)
+        first = fired[0][1]
+        names = tuple(cfg.behaviors[i].name for _, i in fired)
+        self.backtracks.append(Backtrack(generated, drop, scores[first], strengths[first], names))
         self.discarded += drop
         return self.backtracks[-1]
 
