@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the fast engine (README "Runners", bench/README.md): on a CUDA machine with a
+# The GPU check of the fast engine (bench/README.md, docs/architecture.md): on a CUDA machine with a
 # CUDA torch in the venv, (1) the test suite with the engine on the GPU in fp32, then (2) the
 # decode matrix on the GPU in bf16 — hf runner vs the static runner compiled with CUDA graphs, in
 # bf16 and with int8 / int4 weights, batch 1/8/32, FASB monitoring off and on — beside model.generate.

@@ -11,7 +11,7 @@
 // (x ~ d * a): 2x less integer work, but on this model 2.6x torch's teacher-forced KL to fp32;
 // two parts are as close as bf16 activations. Unpacking int4 to floats for every product, as torch's
 // and inductor's kernels do, is 2-3x slower per matmul in isolation; inside the decode step, where
-// the weights come from the L3 cache, the gain is 0-6% (README "Runners").
+// the weights come from the L3 cache, the gain is 0-6% (docs/architecture.md "Quantized weights").
 //
 // The weights are laid out for 16 output rows at a time, so each 512-bit lane is one output row
 // and a group needs no horizontal sums:
