@@ -36,6 +36,7 @@ from server.engine.types import (
     SteeringReport,
     StreamMode,
     TokenLogprob,
+    ToolPrompt,
 )
 from server.errors import InvalidRequestError
 from server.steering.types import STEERING_MODES
@@ -477,6 +478,14 @@ class ChatCompletionRequest(GenerationRequestFields):
                 )
             messages.append(message.to_engine(names.get(message.tool_call_id or "")))
         return _merge_leading_system(messages)
+
+    def tool_prompt(self) -> ToolPrompt | None:
+        """The chat for a template that renders tools itself (the engine picks it or the generic
+        messages); None without tools."""
+        if not self.tools:
+            return None
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return ToolPrompt(tools_module.template_messages(self.messages), tools)
 
     def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
         """`default_max_tokens` None: the engine's default, capped to the room the prompt leaves."""

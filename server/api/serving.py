@@ -27,6 +27,7 @@ from server.engine.types import (
     SteeringParams,
     TextDelta,
     TokenLogprob,
+    ToolPrompt,
 )
 
 
@@ -60,6 +61,7 @@ class EngineClient(Protocol):
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         add_special_tokens: bool = False,
+        tools: ToolPrompt | None = None,
     ) -> list[int]: ...
     def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]: ...
     def decode_tokens(self, token_ids: list[int]) -> str: ...

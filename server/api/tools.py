@@ -1,19 +1,22 @@
-"""Tool calling: the tools' request schema, how they are shown to the model, the grammar that
-constrains its calls, and how its text is read back as calls (whole, or as a stream grows).
+"""Tool calling: how tools are shown to the model, the grammar that constrains its calls, and how
+its text is read back as calls (whole, or as a stream grows). The request schema is in protocol.py.
 
-One generic format for every model (as llama.cpp's generic handler): a system block lists the
-tools as JSON and asks for calls written as
+Calls are always written as
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-(the Hermes / Qwen convention). The grammar engine enforces it: `required` and a named function
-force a call from the first token; `auto` lets the model write text, and once it writes
-`<tool_call>` the rest must be a valid call. Arguments always validate against the function's
-schema, because they are generated inside that schema's JSON grammar (which rolls back with FASB's
-backtracks). Assistant calls and tool results in the history are rendered the same way, so the
-model sees its own format back.
+(the Hermes / Qwen convention). A chat template that renders tools in that convention gets the
+tools and the history in Hugging Face's form (template_messages; the engine picks it); any other
+template gets the generic format, as llama.cpp's generic handler: a system block that lists the
+tools as JSON and asks for calls in that form, with the history's calls and results as text, so
+the model sees its own format back.
+
+The grammar engine enforces the form: `required` and a named function force a call from the
+first token; `auto` lets the model write text, and once it writes `<tool_call>` the rest must be a
+valid call. Arguments always validate against the function's schema, because they are generated
+inside that schema's JSON grammar, which rolls back with FASB's backtracks.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from server.engine.types import ResponseFormat
 
 if TYPE_CHECKING:  # the request models live with the others; this module only reads them
-    from server.api.protocol import ChatTool, ToolCallRequest, ToolChoice
+    from server.api.protocol import ChatTool, RequestMessage, ToolCallRequest, ToolChoice
 
 CALL_OPEN = "<tool_call>\n"
 CALL_CLOSE = "\n</tool_call>"
@@ -295,3 +298,23 @@ def _common_prefix(a: str, b: str) -> str:
     while size < min(len(a), len(b)) and a[size] == b[size]:
         size += 1
     return a[:size]
+
+
+def template_messages(messages: list[RequestMessage]) -> list[dict[str, Any]]:
+    """The chat in Hugging Face's tool convention, for a chat template that renders tools itself:
+    assistant `tool_calls` with their arguments as objects, `tool` messages with the call's name."""
+    names: dict[str, str] = {}
+    rendered = []
+    for message in messages:
+        entry: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": "\n".join(part.text for part in message.content),
+        }
+        for call in message.tool_calls or ():
+            names[call.id] = call.function.name
+            function = {"name": call.function.name, "arguments": json.loads(call.function.arguments)}
+            entry.setdefault("tool_calls", []).append({"id": call.id, "type": "function", "function": function})
+        if message.role == "tool":
+            entry |= {"tool_call_id": message.tool_call_id, "name": names.get(message.tool_call_id or "", "")}
+        rendered.append(entry)
+    return rendered

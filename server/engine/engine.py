@@ -27,7 +27,7 @@ from server.engine.quantize import quantize_weights
 from server.engine.runner import make_runner
 from server.engine.scheduler import RequestQueue, Scheduler
 from server.engine.sequence import Sequence
-from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams
+from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams, ToolPrompt
 from server.errors import (
     EngineNotReadyError,
     EngineUnavailableError,
@@ -261,16 +261,22 @@ class Engine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         add_special_tokens: bool = False,
+        tools: ToolPrompt | None = None,
     ) -> list[int]:
         """The chat template's prompt for `messages`, tokenised. The keyword arguments are /tokenize's
-        (vLLM's): the defaults are what generation uses."""
+        (vLLM's): the defaults are what generation uses. `tools`: the same chat for a template that
+        renders tools itself, used when it writes calls as the tool grammar does (`<tool_call>`)."""
         tokenizer = self._require_ready().tokenizer
-        self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        template_tools = None
+        if tools is not None and "<tool_call>" in str(getattr(tokenizer, "chat_template", None) or ""):
+            messages, template_tools = tools.messages, tools.tools
+        self._check_prompt_chars(sum(len(m.get("content") or "") for m in messages), "messages")
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
             text = tokenizer.apply_chat_template(
                 messages,
+                tools=template_tools,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tokenize=False,

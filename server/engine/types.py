@@ -31,6 +31,15 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class ToolPrompt:
+    """A chat with tools in Hugging Face's convention (`tools` as function schemas, assistant
+    `tool_calls`, `tool` messages), for chat templates that render tools themselves."""
+
+    messages: list[dict]
+    tools: list[dict]
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: up to the context limit
     temperature: float = 1.0  # 0 = greedy

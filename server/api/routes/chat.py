@@ -27,7 +27,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.routes.generate import generate
-from server.api.serving import ChoiceResult, EngineBugError, usage_of
+from server.api.serving import ChoiceResult, EngineBugError, EngineClient, usage_of
 from server.api.sse import ChatChunks, ChoiceStreamState, steering_summary
 from server.api.tools import CallState, StreamUpdate, ToolStream, call_id, parse_output
 from server.engine.types import Finished, Retraction, TextDelta
@@ -44,12 +44,18 @@ async def create_chat_completion(
     check_choices(engine, body.n)
     record.model = body.model
     # Templating and tokenising a long prompt take a while: never on the event loop.
-    prompt = await run_in_threadpool(engine.encode_chat, body.engine_messages())
+    prompt = await run_in_threadpool(encode_chat, engine, body)
     sampling = body.to_sampling_params()
     chunks = ChatChunks(id=f"chatcmpl-{record.request_id}", model=engine.model_name, with_logprobs=body.logprobs)
     if body.calls_allowed:
         chunks = ToolChatChunks(chunks, live_calls=calls_cannot_be_retracted(body))
     return await generate(request, engine, record, body, [prompt], sampling, chunks, chat_completion)
+
+
+def encode_chat(engine: EngineClient, body: ChatCompletionRequest) -> list[int]:
+    """The prompt: the generic tool format, or the template's own when it renders tools (engine's pick)."""
+    messages, tools = body.engine_messages(), body.tool_prompt()
+    return engine.encode_chat(messages) if tools is None else engine.encode_chat(messages, tools=tools)
 
 
 def calls_cannot_be_retracted(body: ChatCompletionRequest) -> bool:

@@ -21,7 +21,7 @@ from server.api.responses import (
     output_items,
     responses_format,
 )
-from server.api.routes.chat import calls_cannot_be_retracted
+from server.api.routes.chat import calls_cannot_be_retracted, encode_chat
 from server.api.serving import (
     CLIENT_CLOSED_REQUEST,
     EngineBugError,
@@ -46,7 +46,7 @@ async def create_response(
     check_model(engine, body.model)
     record.model = body.model
     chat = body.to_chat()
-    prompt = await run_in_threadpool(engine.encode_chat, chat.engine_messages())
+    prompt = await run_in_threadpool(encode_chat, engine, chat)
     sampling = chat.to_sampling_params()
     sampling = dataclasses.replace(sampling, response_format=responses_format(sampling.response_format))
     state = ResponseState(body, id=f"resp_{record.request_id}", model=engine.model_name)
