@@ -88,7 +88,10 @@ class Settings(BaseSettings):
     # steering (None: the artifact's manifest decides)
     artifacts: list[str] = Field(default_factory=list, description="extra artifact folders to load")
     no_default_artifacts: bool = Field(False, description="do not load the prebuilt artifacts for the model")
-    default_behavior: str | None = None
+    default_behavior: str | None = Field(
+        None, description="behaviour monitored when a request names none (default: truthfulness, else the first "
+        "loaded); a comma-separated list monitors several at once, e.g. truthfulness,tone"
+    )
     # monitor, not fasb: on the default model no threshold keeps false alarms on correct answers <= 5%
     # and still intervenes (docs/steering.md). Requests ask for fasb with "mode": "fasb".
     steering_mode: SteeringMode = Field(

@@ -26,6 +26,7 @@ from pydantic import (
 
 from server.api import tools as tools_module
 from server.engine.types import (
+    Backtrack,
     BehaviorInfo,
     FinishReason,
     ResponseFormat,
@@ -105,7 +106,10 @@ class SteeringRequest(RequestModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: SteeringMode | None = Field(None, description=" | ".join(STEERING_MODES))
-    behavior: str | None = Field(None, description="which loaded artifact steers (see /v1/models)")
+    behavior: str | list[str] | None = Field(
+        None, description="which loaded artifact steers (see /v1/models), or a list of them monitored at once: "
+        "a backtrack steers with those that fired, each at its own strength"
+    )
     alpha: float | None = Field(None, ge=0, le=MAX_ALPHA, description="steering strength")
     threshold: float | None = Field(None, ge=0, le=1, description="backtrack when P(desired) falls below it")
     backtrack_tokens: int | None = Field(
@@ -117,8 +121,18 @@ class SteeringRequest(RequestModel):
     stream_mode: StreamMode | None = Field(None, description="retract: send and correct; hold: delay s tokens")
     return_scores: bool = Field(False, description="report the probe score of every answer token")
 
+    @field_validator("behavior")
+    @classmethod
+    def _some_behavior(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one behavior, or leave the field out for the server's default")
+        return value
+
     def to_params(self) -> SteeringParams:
-        return SteeringParams(**self.model_dump())
+        values = self.model_dump()
+        if isinstance(values["behavior"], list):
+            values["behavior"] = tuple(values["behavior"])
+        return SteeringParams(**values)
 
 
 def _valid_unicode(text: str) -> str:
@@ -197,6 +211,8 @@ class FunctionCallRequest(RequestModel):
             json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"must be JSON text: {exc}") from None
+        except RecursionError:
+            raise ValueError("is nested too deeply") from None
         return value
 
 
@@ -216,6 +232,10 @@ def check_tools(tools: list[ChatTool]) -> list[ChatTool]:
     for tool in tools:
         if tool.function.parameters.get("type", "object") != "object":
             raise ValueError(f"function {tool.function.name!r}: `parameters` must be a JSON schema of type object")
+        try:
+            tools_module.closed_objects(tool.function.parameters)  # what the grammar will compile
+        except RecursionError:
+            raise ValueError(f"function {tool.function.name!r}: `parameters` is nested too deeply") from None
     if len(json.dumps([tool.function.parameters for tool in tools])) > MAX_TOOL_SCHEMA_CHARS:
         raise ValueError(f"the tools' parameter schemas are longer than {MAX_TOOL_SCHEMA_CHARS} characters")
     return tools
@@ -672,28 +692,42 @@ class BacktrackInfo(OpenAIBaseModel):
     tokens_retracted: int
     probe_score: float
     strength: float
+    behavior: str | None = Field(None, description="the behaviour that fired (the lowest score when several did)")
+    behaviors: list[str] = Field(default_factory=list, description="every behaviour that fired, lowest score first")
+
+    @classmethod
+    def from_backtrack(cls, b: Backtrack) -> BacktrackInfo:
+        return cls(token_index=b.token_index, tokens_retracted=b.tokens_retracted, probe_score=b.probe_score,
+                   strength=b.strength, behavior=b.behaviors[0] if b.behaviors else None, behaviors=list(b.behaviors))
 
 
 class SteeringSummary(OpenAIBaseModel):
     """Per-choice steering report (not in the OpenAI spec), on the message or the finish chunk."""
 
-    _omit_if_none = frozenset({"scores"})
+    _omit_if_none = frozenset({"scores", "behavior_scores"})
 
     mode: SteeringMode
-    behavior: str | None
+    behavior: str | None = Field(description="the first behaviour monitored or steered")
+    behaviors: list[str] = Field(default_factory=list, description="every behaviour monitored or steered")
     intervened: bool
     backtracks: list[BacktrackInfo]
-    scores: list[float] | None = Field(None, description="probe score per answer token (return_scores)")
+    scores: list[float] | None = Field(
+        None, description="probe score per answer token (return_scores); the lowest over behaviours"
+    )
+    behavior_scores: dict[str, list[float]] | None = Field(
+        None, description="per behaviour, its probe score per answer token (return_scores, several behaviours)"
+    )
 
     @classmethod
     def from_report(cls, report: SteeringReport) -> SteeringSummary:
-        backtracks = [BacktrackInfo(**vars(b)) for b in report.backtracks]
         return cls(
             mode=report.mode,
             behavior=report.behavior,
+            behaviors=list(report.behaviors),
             intervened=report.intervened,
-            backtracks=backtracks,
+            backtracks=[BacktrackInfo.from_backtrack(b) for b in report.backtracks],
             scores=report.scores,
+            behavior_scores=report.behavior_scores,
         )
 
 
@@ -705,6 +739,8 @@ class SteeringRetract(OpenAIBaseModel):
     retract_text: str
     probe_score: float
     strength: float
+    behavior: str | None = None  # the behaviour that fired (the lowest score when several did)
+    behaviors: list[str] = Field(default_factory=list)  # every behaviour that fired
 
     @classmethod
     def from_event(cls, event: Retraction) -> SteeringRetract:
@@ -713,6 +749,8 @@ class SteeringRetract(OpenAIBaseModel):
             retract_text=event.text,
             probe_score=event.probe_score,
             strength=event.strength,
+            behavior=event.behaviors[0] if event.behaviors else None,
+            behaviors=list(event.behaviors),
         )
 
 
@@ -881,6 +919,12 @@ class BehaviorCard(OpenAIBaseModel):
     threshold: float
     backtrack_tokens: int
     val_accuracy: float | None = None
+    description: str | None = Field(None, description="what the probes watch for and what steering does")
+    heldout_auroc: float | None = Field(None, description="the probes' AUROC on held-out answers (the build's)")
+    heldout_accuracy: float | None = Field(None, description="the probes' accuracy on held-out answers")
+    false_alarm_rate: float | None = Field(
+        None, description="share of ordinary answers the monitor fires on at the recommended threshold"
+    )
 
     @classmethod
     def from_info(cls, info: BehaviorInfo) -> BehaviorCard:

@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=defaults.dtype)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    from steering_artifacts.builder.guard_data import add_parser as add_guard_data_parser
     from steering_artifacts.builder.report import add_parser as add_report_parser
 
     add_report_parser(commands)
+    add_guard_data_parser(commands)
     return parser
 
 
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return run(parsed)
+    if parsed.command == "guard-data":
+        from steering_artifacts.builder.guard_data import run as run_guard_data
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_guard_data(parsed)
     args = vars(parsed)
     args.pop("command")
     if args["false_alarm_set"] == "none":

@@ -100,13 +100,30 @@ function numberOr(id, fallback) {
   return raw === "" ? fallback : Number(raw);
 }
 
+// The behaviours picked in the (multiple) select, in the server's order; the first one if none is.
+function selectedBehaviors() {
+  const picked = [...$("behavior").selectedOptions].map((o) => o.value);
+  const cards = state.behaviors.filter((b) => picked.includes(b.name));
+  return cards.length ? cards : state.behaviors.slice(0, 1);
+}
+
 function currentBehavior() {
-  return state.behaviors.find((b) => b.name === $("behavior").value) || state.behaviors[0] || null;
+  return selectedBehaviors()[0] || null;
+}
+
+function behaviorLabel(b) {
+  const quality = b.heldout_auroc != null ? `, AUROC ${b.heldout_auroc.toFixed(2)}` : "";
+  return `${b.name} (${b.num_heads} heads${quality})`;
 }
 
 function fillBehaviors() {
   const select = $("behavior");
-  select.replaceChildren(...state.behaviors.map((b) => new Option(`${b.name} (${b.num_heads} heads)`, b.name)));
+  select.replaceChildren(...state.behaviors.map((b, i) => {
+    const option = new Option(behaviorLabel(b), b.name, i === 0, i === 0);
+    option.title = b.description || "";
+    return option;
+  }));
+  select.size = Math.min(Math.max(state.behaviors.length, 2), 6);
   const none = state.behaviors.length === 0;
   $("no-steering").hidden = !none;
   $("steering-a").disabled = none;
@@ -130,7 +147,8 @@ function showDefaults() {
 // The steering object of setting "a" or "b" (b overrides a's mode, alpha and threshold).
 function steeringFor(which) {
   if (state.behaviors.length === 0) return null;
-  const steering = { behavior: currentBehavior().name, stream_mode: $("stream-mode").value };
+  const names = selectedBehaviors().map((b) => b.name);
+  const steering = { behavior: names.length === 1 ? names[0] : names, stream_mode: $("stream-mode").value };
   const mode = $("mode").value;
   if (mode) steering.mode = mode;
   const alpha = numberOr("alpha", null);
@@ -249,6 +267,7 @@ class AnswerView {
     this.el.dataset.retractions = String(this.liveBacktracks.length);
     this.showBacktracks(this.liveBacktracks.map((c) => ({
       token_index: null, tokens_retracted: c.retract_tokens, probe_score: c.probe_score, strength: c.strength,
+      behaviors: c.behaviors || [],
     })));
     setTimeout(() => struck.forEach((el) => el.remove()), RETRACT_LINGER_MS);
   }
@@ -258,8 +277,10 @@ class AnswerView {
     list.replaceChildren(...backtracks.map((b) => {
       const li = document.createElement("li");
       const at = b.token_index === null ? "" : `at token ${b.token_index}: `;
-      li.textContent = `Backtrack ${at}${b.tokens_retracted} tokens retracted, probe score ${b.probe_score.toFixed(3)}, ` +
-        `strength ${b.strength.toFixed(2)}`;
+      const why = b.behaviors && b.behaviors.length ? ` (${b.behaviors.join(", ")})` : "";
+      li.textContent = `Backtrack${why} ${at}${b.tokens_retracted} tokens retracted, probe score ` +
+        `${b.probe_score.toFixed(3)}, strength ${b.strength.toFixed(2)}`;
+      li.dataset.behaviors = (b.behaviors || []).join(",");
       return li;
     }));
   }
@@ -268,7 +289,8 @@ class AnswerView {
     const report = choice.steering;
     const parts = [`finish: ${choice.finish_reason}`];
     if (report) {
-      parts.push(`steering ${report.mode}${report.behavior ? ` (${report.behavior})` : ""}`);
+      const names = report.behaviors && report.behaviors.length ? report.behaviors.join(", ") : report.behavior;
+      parts.push(`steering ${report.mode}${names ? ` (${names})` : ""}`);
       parts.push(report.intervened ? "intervened" : "did not intervene");
       this.showBacktracks(report.backtracks);
       if (report.scores) this.colourTokens(report.scores, report.backtracks);
