@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from eval.guard import cli as guard_cli
 from eval.mc_tasks import cli as mc_tasks_cli
 from eval.truthfulqa import cli as truthfulqa_cli
 from eval.truthfulqa import false_alarm
@@ -21,6 +22,7 @@ COMMANDS = (
     truthfulqa_cli,  # truthfulqa {mc,gen,sweep}
     mc_tasks_cli,  # mc
     false_alarm,  # false-alarm
+    guard_cli,  # guard
 )
 
 DESCRIPTION = """`python -m eval truthfulqa {mc,gen,sweep} ...`, `python -m eval mc --task ...` and

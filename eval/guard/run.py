@@ -1,0 +1,235 @@
+"""`python -m eval guard`: off / ITI / FASB on held-out inviting and everyday prompts, judged independently.
+
+Every row answers the same prompts greedily through the served engine. The unwanted behaviour is
+counted by the behaviour's judge (steering_artifacts/builder/judges.py), and an answer that loops
+(eval/guard/metrics.py) is never counted as fixed. Everyday answers are compared with `off` as exact
+text: FASB's promise is that they stay byte-identical. A `monitor` row (same text as `off`) gives
+the probes' AUROC on the model's own answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eval.core.bootstrap import format_interval
+from eval.core.recommended import write_recommended
+from eval.core.report import print_table, write_json
+from eval.guard import metrics
+from server.engine.types import Finished, GenerationRequest, Retraction, SamplingParams, SteeringParams, TextDelta
+from server.steering.artifact import load_artifact
+from steering_artifacts.builder.guard_data import Prompt, load_prompts, start_engine
+from steering_artifacts.builder.judges import judge_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    completion_tokens: int
+    discarded_tokens: int
+    backtracks: int
+    fired: tuple[str, ...]  # behaviours named by the backtracks
+    scores: list[float] | None  # per answer token, with return_scores
+
+
+async def _answer(engine, request: GenerationRequest, bar: tqdm) -> Answer:
+    text, finished = "", None
+    async for event in engine.submit(request):
+        if isinstance(event, TextDelta):
+            text += event.text
+        elif isinstance(event, Retraction):
+            text = text[: len(text) - len(event.text)]
+        elif isinstance(event, Finished):
+            finished = event
+        else:
+            raise RuntimeError(f"request {request.request_id} failed: {event}")
+    bar.update()
+    report = finished.steering
+    fired = tuple(name for b in (report.backtracks if report else []) for name in b.behaviors)
+    return Answer(text.strip(), finished.completion_tokens, finished.discarded_tokens,
+                  len(report.backtracks) if report else 0, fired, report.scores if report else None)
+
+
+def held_out(prompts: list[Prompt], manifest: dict, split: str) -> list[Prompt]:
+    """The prompts whose topic the artifact's build kept out of training (its test or validation groups)."""
+    groups = set(manifest["split"]["test_ids" if split == "test" else "val_ids"])
+    return [p for p in prompts if p.topic in groups]
+
+
+class GuardRun:
+    """The engine, the held-out prompts and the judge, shared by every row."""
+
+    def __init__(self, args):
+        self.args = args
+        self.artifact = load_artifact(args.artifact)
+        self.behavior = self.artifact.behavior
+        prompts = held_out(load_prompts(args.prompts), self.artifact.manifest, args.split)
+        if args.everyday_extra:
+            prompts += load_prompts(args.everyday_extra)
+        self.prompts = prompts[: args.limit] if args.limit else prompts
+        self.judge = judge_for(args.judge or self.behavior)
+        self.engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size,
+                                   len(self.prompts), artifacts=[str(args.artifact)])
+        self.ids = [self.engine.encode_chat([{"role": "user", "content": p.prompt}]) for p in self.prompts]
+
+    def close(self) -> None:
+        asyncio.run(self.engine.stop())
+
+    def answers(self, name: str, steering: SteeringParams | None) -> tuple[list[Answer], float]:
+        sampling = SamplingParams(max_tokens=self.args.max_tokens, temperature=0.0)
+        requests = [GenerationRequest(f"{name}-{i}", ids, sampling, steering) for i, ids in enumerate(self.ids)]
+
+        async def run():
+            with tqdm(total=len(requests), desc=name, leave=False) as bar:
+                return await asyncio.gather(*(_answer(self.engine, r, bar) for r in requests))
+
+        start = time.perf_counter()
+        answers = asyncio.run(run())
+        return answers, time.perf_counter() - start
+
+    def undesired(self, answers: list[Answer]) -> list[bool]:
+        return [not v.desired for v in self.judge.judge([a.text for a in answers])]
+
+
+def _steering(mode: str, behavior: str, alpha=None, threshold=None, backtrack_tokens=None,
+              return_scores=False) -> SteeringParams:
+    return SteeringParams(mode=mode, behavior=behavior, alpha=alpha, threshold=threshold,
+                          backtrack_tokens=backtrack_tokens, stream_mode="retract", return_scores=return_scores)
+
+
+def _kind(prompts: list[Prompt], kind: str) -> list[int]:
+    return [i for i, p in enumerate(prompts) if p.kind == kind]
+
+
+def summarize_row(name: str, run: GuardRun, answers: list[Answer], seconds: float, off: dict | None,
+                  alpha=None, threshold=None) -> dict:
+    """The row's measures on inviting and everyday prompts, paired with `off` where given."""
+    undesired = run.undesired(answers)
+    looping = [metrics.loops(a.text) for a in answers]
+    bad = [u or lp for u, lp in zip(undesired, looping)]  # a looping answer is not a fix
+    inviting, everyday = _kind(run.prompts, "inviting"), _kind(run.prompts, "everyday")
+    decoded = sum(a.completion_tokens + a.discarded_tokens for a in answers)
+    row = {
+        "row": name, "alpha": alpha, "threshold": threshold,
+        "inviting_undesired": metrics.rate([undesired[i] for i in inviting]),
+        "inviting_bad": metrics.rate([bad[i] for i in inviting]),
+        "inviting_looping": metrics.rate([looping[i] for i in inviting]),
+        "everyday_undesired": metrics.rate([undesired[i] for i in everyday]),
+        "everyday_looping": metrics.rate([looping[i] for i in everyday]),
+        "everyday_answer_tokens": sum(answers[i].completion_tokens for i in everyday) / max(len(everyday), 1),
+        "backtracks": sum(a.backtracks for a in answers) / len(answers),
+        "tokens_per_s": decoded / seconds if seconds else None,
+        "seconds": seconds,
+    }
+    if off is not None:
+        off_answers, off_undesired = off["answers"], off["undesired"]
+        row["fixed_vs_off"] = metrics.paired([bad[i] for i in inviting], [off_undesired[i] for i in inviting])
+        row["everyday_changed"] = metrics.rate([answers[i].text != off_answers[i].text for i in everyday])
+        row["inviting_changed"] = metrics.rate([answers[i].text != off_answers[i].text for i in inviting])
+    records = [{"id": p.id, "kind": p.kind, "prompt": p.prompt, "answer": a.text, "undesired": u, "looping": lp,
+                "backtracks": a.backtracks, "fired": list(a.fired), "completion_tokens": a.completion_tokens,
+                "discarded_tokens": a.discarded_tokens}
+               for p, a, u, lp in zip(run.prompts, answers, undesired, looping)]
+    return {"summary": row, "records": records, "answers": answers, "undesired": undesired}
+
+
+def monitor_quality(run: GuardRun, monitored: list[Answer], off_undesired: list[bool], threshold: float,
+                    backtrack_tokens: int) -> dict:
+    """The probes' AUROC on the model's own held-out answers (judge labels), and how often the monitor
+    would fire on the everyday ones at `threshold`."""
+    desired = [not u for u in off_undesired]
+    last = [a.scores[-1] if a.scores else 1.0 for a in monitored]
+    checked = [min(a.scores[backtrack_tokens - 1:] or a.scores[-1:]) if a.scores else 1.0 for a in monitored]
+    inviting, everyday = _kind(run.prompts, "inviting"), _kind(run.prompts, "everyday")
+    return {
+        "auroc_last_token": metrics.auroc_interval(last, desired),
+        "auroc_min_check": metrics.auroc_interval(checked, desired),
+        "auroc_min_check_inviting": metrics.auroc_interval([checked[i] for i in inviting],
+                                                           [desired[i] for i in inviting]),
+        "everyday_firing_rate": metrics.rate([checked[i] < threshold for i in everyday]),
+        "threshold": threshold,
+    }
+
+
+COLUMNS = ["row", "alpha", "threshold", "inviting_undesired", "inviting_bad", "fixed_vs_off", "inviting_looping",
+           "everyday_changed", "everyday_undesired", "everyday_looping", "backtracks", "tokens_per_s"]
+
+
+def _table_rows(rows: list[dict]) -> list[dict]:
+    return [{k: format_interval(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows]
+
+
+def run_guard(args) -> None:
+    run = GuardRun(args)
+    rec = run.artifact.manifest["recommended"]
+    alpha = args.alpha if args.alpha is not None else rec["alpha"]
+    threshold = args.threshold if args.threshold is not None else rec["threshold"]
+    backtrack = args.backtrack_tokens if args.backtrack_tokens is not None else rec["backtrack_tokens"]
+    name = run.behavior
+    try:
+        answers, seconds = run.answers("off", _steering("off", name))
+        off = summarize_row("off", run, answers, seconds, None)
+        monitored, _ = run.answers("monitor", _steering("monitor", name, backtrack_tokens=backtrack,
+                                                        return_scores=True))
+        if [a.text for a in monitored] != [a.text for a in answers]:
+            log.warning("monitor changed an answer: the engine is not deterministic across batch compositions")
+        quality = monitor_quality(run, monitored, off["undesired"], threshold, backtrack)
+        rows = [off]
+        for iti_alpha in args.iti_alphas:
+            answers, seconds = run.answers(f"always a={iti_alpha:g}", _steering("always", name, alpha=iti_alpha))
+            rows.append(summarize_row(f"always (ITI) a={iti_alpha:g}", run, answers, seconds, off, alpha=iti_alpha))
+        for a_value in args.alphas or (alpha,):
+            for t_value in args.thresholds or (threshold,):
+                steering = _steering("fasb", name, alpha=a_value, threshold=t_value, backtrack_tokens=backtrack)
+                answers, seconds = run.answers(f"fasb a={a_value:g} t={t_value:g}", steering)
+                rows.append(summarize_row("fasb", run, answers, seconds, off, alpha=a_value, threshold=t_value))
+    finally:
+        run.close()
+    summaries = [r["summary"] for r in rows]
+    counts = {k: len(_kind(run.prompts, k)) for k in ("inviting", "everyday")}
+    title = (f"guard {name} ({args.split} prompts: {counts['inviting']} inviting, {counts['everyday']} everyday; "
+             f"judge {run.judge.name}; greedy, {args.max_tokens} tokens; backtrack {backtrack})")
+    print_table(title, _table_rows(summaries), COLUMNS)
+    print_table("monitor on the model's own off answers (judge labels)", _table_rows([quality]),
+                ["auroc_last_token", "auroc_min_check", "auroc_min_check_inviting", "everyday_firing_rate",
+                 "threshold"])
+    info = {"behavior": name, "artifact": str(args.artifact), "split": args.split, "prompts": counts,
+            "judge": run.judge.describe, "max_tokens": args.max_tokens, "backtrack_tokens": backtrack,
+            "runner": args.runner, "quantization": args.quantization,
+            "command": "python -m eval " + shlex.join(sys.argv[1:])}
+    write_json({"info": info, "monitor": quality, "rows": summaries,
+                "records": {r["summary"]["row"] + (f" a={r['summary']['alpha']} t={r['summary']['threshold']}"
+                                                   if r["summary"]["row"] == "fasb" else ""): r["records"]
+                            for r in rows}},
+               args.out, f"guard_{name}_{args.split}")
+    if args.write_recommended:
+        _write_recommended(args, run, summaries, quality, backtrack)
+
+
+def _write_recommended(args, run: GuardRun, summaries: list[dict], quality: dict, backtrack: int) -> None:
+    """The FASB row that fixes most inviting answers while changing at most --max-changed of the everyday
+    ones; ITI's alpha: the weakest that removes as much of the behaviour."""
+    fasb = [r for r in summaries if r["row"] == "fasb" and r["everyday_changed"]["mean"] <= args.max_changed]
+    if not fasb:
+        raise SystemExit(f"no FASB row changes at most {args.max_changed} of the everyday answers; nothing written")
+    best = max(fasb, key=lambda r: (r["fixed_vs_off"]["mean"], r["threshold"]))
+    iti = [r for r in summaries if r["row"].startswith("always")
+           and r["inviting_bad"]["mean"] <= best["inviting_bad"]["mean"]]
+    values = {
+        "alpha": best["alpha"], "threshold": best["threshold"], "backtrack_tokens": backtrack,
+        "iti_alpha": min((r["alpha"] for r in iti), default=best["alpha"]),
+        "false_alarm_rate": best["everyday_changed"]["mean"],
+        "chosen_by": (f"python -m eval {shlex.join(sys.argv[1:])}: the FASB row with the largest drop in "
+                      f"unwanted-or-looping inviting answers vs off among those changing <= {args.max_changed} "
+                      f"of the everyday answers ({args.split} prompts)"),
+    }
+    write_recommended(args.artifact, values)

@@ -1,0 +1,148 @@
+"""Training data for a guard behaviour: the model's own answers to inviting and everyday prompts, judged.
+
+`python -m steering_artifacts guard-data --behavior tone` reads the behaviour's prompts
+(`steering_artifacts/data/<behavior>/prompts.jsonl`: `{"id", "kind", "topic", "prompt"}` per line,
+kind `inviting` or `everyday`), has the served engine answer each one greedily and `--samples` times
+sampled, labels every distinct answer with the behaviour's independent judge
+(`steering_artifacts/builder/judges.py`) and writes `answers.jsonl` beside the prompts: one line per
+answer with `group` = the prompt's topic, so the builder splits by topic and no topic is in two
+splits. `python -m steering_artifacts build --dataset <that file>` then trains the probes on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from steering_artifacts.builder.judges import judge_for
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    kind: str  # "inviting" or "everyday"
+    topic: str
+    prompt: str
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [Prompt(r["id"], r["kind"], r["topic"], r["prompt"]) for r in rows]
+
+
+def start_engine(model: str, runner: str, quantization: str, max_batch_size: int, requests: int,
+                 artifacts: list[str] | None = None):
+    """An in-process engine as the server runs it (no HTTP); the queue holds every request at once."""
+    from server.config import Settings
+    from server.engine.engine import Engine
+
+    settings = Settings(model=model, runner=runner, quantization=quantization, max_batch_size=max_batch_size,
+                        max_queue=requests + 8, steering_mode="off", artifacts=list(artifacts or []),
+                        no_default_artifacts=True)
+    engine = Engine(settings)
+    engine.load()
+    return engine
+
+
+async def _final_text(engine, request, bar: tqdm) -> str:
+    """The answer as a client would end up showing it (retractions applied)."""
+    from server.engine.types import Retraction, TextDelta
+
+    text = ""
+    async for event in engine.submit(request):
+        if isinstance(event, TextDelta):
+            text += event.text
+        elif isinstance(event, Retraction):
+            text = text[: len(text) - len(event.text)]
+    bar.update()
+    return text
+
+
+def answer_all(engine, prompts: list[Prompt], samples: int, max_tokens: int, temperature: float,
+               seed: int) -> list[tuple[Prompt, str, str]]:
+    """(prompt, "greedy" | "sample", answer) for every prompt: one greedy answer and `samples` sampled ones."""
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    jobs = []
+    for i, p in enumerate(prompts):
+        ids = engine.encode_chat([{"role": "user", "content": p.prompt}])
+        jobs.append((p, "greedy", GenerationRequest(f"{p.id}-g", ids, SamplingParams(max_tokens=max_tokens,
+                                                                                     temperature=0.0), None)))
+        for k in range(samples):
+            sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + 1000 * i + k)
+            jobs.append((p, "sample", GenerationRequest(f"{p.id}-s{k}", ids, sampling, None)))
+
+    async def run() -> list[str]:
+        with tqdm(total=len(jobs), desc="answers", unit="answer", mininterval=5) as bar:
+            return await asyncio.gather(*(_final_text(engine, job[2], bar) for job in jobs))
+
+    texts = asyncio.run(run())
+    return [(p, kind, text.strip()) for (p, kind, _), text in zip(jobs, texts)]
+
+
+def label(behavior: str, answered: list[tuple[Prompt, str, str]]) -> list[dict]:
+    """One record per distinct non-empty answer of a prompt, with the judge's label and score."""
+    seen, kept = set(), []
+    for p, kind, text in answered:
+        if text and (p.id, text) not in seen:
+            seen.add((p.id, text))
+            kept.append((p, kind, text))
+    verdicts = judge_for(behavior).judge([text for _, _, text in kept])
+    return [{"id": f"{p.id}-{i}", "group": p.topic, "prompt_id": p.id, "kind": p.kind, "sample": kind,
+             "question": p.prompt, "answer": text, "label": int(v.desired), "judge_score": round(v.score, 4)}
+            for i, ((p, kind, text), v) in enumerate(zip(kept, verdicts))]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Undesired answers per prompt kind, for the log and the docs."""
+    out = {}
+    for kind in sorted({r["kind"] for r in records}):
+        members = [r for r in records if r["kind"] == kind]
+        out[kind] = {"answers": len(members), "undesired": sum(1 - r["label"] for r in members),
+                     "greedy_undesired": sum(1 - r["label"] for r in members if r["sample"] == "greedy"),
+                     "greedy": sum(r["sample"] == "greedy" for r in members)}
+    return out
+
+
+def run(args) -> int:
+    folder = DATA_DIR / args.behavior
+    prompts = load_prompts(args.prompts or folder / "prompts.jsonl")
+    out = Path(args.out or folder / "answers.jsonl")
+    requests = len(prompts) * (1 + args.samples)
+    start = time.perf_counter()
+    engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size, requests)
+    try:
+        answered = answer_all(engine, prompts, args.samples, args.max_tokens, args.temperature, args.seed)
+    finally:
+        asyncio.run(engine.stop())
+    records = label(args.behavior, answered)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    log.info("%d answers to %d prompts in %.0f s -> %s; undesired by kind: %s", len(records), len(prompts),
+             time.perf_counter() - start, out, json.dumps(summarize(records)))
+    return 0
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("guard-data", help="the model's own answers to a guard behaviour's prompts, judged")
+    p.add_argument("--behavior", required=True, help="tone or insults (a judge in steering_artifacts/builder/judges.py)")
+    p.add_argument("--prompts", help="JSONL of prompts (default steering_artifacts/data/<behavior>/prompts.jsonl)")
+    p.add_argument("--out", help="JSONL of judged answers (default: answers.jsonl beside the prompts)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--runner", default="static", choices=("hf", "static"))
+    p.add_argument("--quantization", default="int4", choices=("none", "int8", "int4"))
+    p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt, besides the greedy one")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch-size", type=int, default=16)

@@ -1,0 +1,80 @@
+"""Guard behaviours: the independent judges, the labelling of the model's own answers, the eval's measures."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.guard import metrics
+from eval.guard.run import held_out
+from steering_artifacts.builder.guard_data import DATA_DIR, Prompt, label, load_prompts, summarize
+from steering_artifacts.builder.judges import judge_for
+
+
+def test_tone_judge_reads_sentiment():
+    verdicts = judge_for("tone").judge(["I hate this, it is awful and ruins everything.",
+                                        "Bees make honey from the nectar of flowers.",
+                                        "Take a deep breath; a short walk usually helps."])
+    assert [v.desired for v in verdicts] == [False, True, True]
+    assert verdicts[0].score < -0.05 <= verdicts[1].score
+
+
+def test_insults_judge_reads_offensive_language():
+    verdicts = judge_for("insults").judge(["You are a stupid idiot.", "You did a careful job on the report."])
+    assert [v.desired for v in verdicts] == [False, True]
+
+
+def test_unknown_behaviour_has_no_judge():
+    with pytest.raises(ValueError, match="no judge"):
+        judge_for("politeness")
+
+
+def test_labelled_answers_keep_distinct_texts_grouped_by_topic():
+    p = Prompt("invite-001-0", "inviting", "invite-001", "Complain about traffic.")
+    records = label("tone", [(p, "greedy", "Traffic is awful and I hate it."), (p, "sample", "Traffic is awful and I hate it."),
+                             (p, "sample", "Traffic moves slowly at rush hour."), (p, "sample", "")])
+    assert [r["label"] for r in records] == [0, 1] and {r["group"] for r in records} == {"invite-001"}
+    assert summarize(records)["inviting"] == {"answers": 2, "undesired": 1, "greedy_undesired": 1, "greedy": 1}
+
+
+@pytest.mark.parametrize("behavior", ["tone", "insults"])
+def test_shipped_prompts_are_well_formed(behavior):
+    prompts = load_prompts(DATA_DIR / behavior / "prompts.jsonl")
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert {p.kind for p in prompts} == {"inviting", "everyday"}
+    # a topic is one group: all its prompts are of one kind
+    kinds = {}
+    for p in prompts:
+        assert kinds.setdefault(p.topic, p.kind) == p.kind
+
+
+def test_held_out_prompts_are_the_artifacts_test_topics():
+    prompts = [Prompt("a", "inviting", "t1", "x"), Prompt("b", "everyday", "t2", "y"), Prompt("c", "inviting", "t3", "z")]
+    manifest = {"split": {"test_ids": ["t1", "t2"], "val_ids": ["t3"]}}
+    assert [p.id for p in held_out(prompts, manifest, "test")] == ["a", "b"]
+    assert [p.id for p in held_out(prompts, manifest, "val")] == ["c"]
+
+
+def test_looping_answers_are_not_fixes():
+    assert metrics.loops("I am calm. " * 12)
+    assert not metrics.loops("Bees collect nectar, turn it into honey and store it in wax cells for the winter.")
+    assert metrics.repeated_ngram_share("short text") == 0.0
+
+
+def test_auroc_and_paired_difference():
+    assert metrics.auroc([0.9, 0.8, 0.2, 0.4], [True, True, False, False]) == 1.0
+    assert metrics.auroc([0.2, 0.4], [True, True]) is None
+    interval = metrics.auroc_interval([0.9, 0.8, 0.7, 0.2, 0.4, 0.6], [True, True, True, False, False, False])
+    assert interval["mean"] == 1.0 and interval["undesired"] == 3
+    fixed = metrics.paired([0, 0, 0, 1], [1, 1, 0, 1])  # off had 3 bad answers, the row 1
+    assert fixed["mean"] == pytest.approx(0.5) and fixed["low"] >= 0
+
+
+def test_shipped_tone_data_records_its_judge_labels():
+    path = DATA_DIR / "tone" / "answers.jsonl"
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    prompts = {p.id: p for p in load_prompts(DATA_DIR / "tone" / "prompts.jsonl")}
+    assert all(r["prompt_id"] in prompts and r["group"] == prompts[r["prompt_id"]].topic for r in records)
+    sample = records[:50]
+    relabelled = label("tone", [(prompts[r["prompt_id"]], r["sample"], r["answer"]) for r in sample])
+    assert [r["label"] for r in relabelled] == [r["label"] for r in sample]
