@@ -1,9 +1,9 @@
 """Batched answer log-prob scoring with optional steering from a per-row position onwards.
 
-Every TruthfulQA MC prompt starts with the same instruction and QA primer, and a question's
-answers also share the question, so keys and values are computed once for the prefix and once
-per question (unsteered: steering starts inside the answer) and reused by every row and every
-pass. Only each answer is fed, in up to two segments on top of that cache:
+Every prompt of an evaluation starts with the same prefix (TruthfulQA MC: the instruction and QA
+primer), and a question's answers also share the question, so keys and values are computed once
+for the prefix and once per question (unsteered: steering starts inside the answer) and reused by
+every row and every pass. Only each answer is fed, in up to two segments on top of that cache:
 
     [shared prefix] [question, "\nA"] (cached) [segment A: unsteered] [segment B: steered from `steer_from`]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +80,8 @@ def _fold_table(per_fold: list[dict]) -> list[dict]:
 
 
 def _payload(args, per_fold: list[dict], pooled: dict[str, list[dict]], covered: int, total: int) -> dict:
-    return {"folds_dir": str(args.folds_dir), "folds_run": [f["fold"] for f in per_fold],
+    return {"folds_dir": str(args.folds_dir), "command": "python -m eval " + shlex.join(sys.argv[1:]),
+            "folds_run": [f["fold"] for f in per_fold],
             "questions": len(next(iter(pooled.values()))),  # every row answers the same questions
             "covered_by_folds": covered, "total_questions": total, "rows": pooled_rows(per_fold, pooled),
             "intervals": interval_report(pooled), "per_fold": per_fold, "answers": pooled}
