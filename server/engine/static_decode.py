@@ -28,6 +28,19 @@ from server.engine.quantize import Int4Linear, QuantizedLinear
 from server.engine.static_cache import StaticKVCache
 
 
+# Model types whose decoder layer is the step's formula: pre-norm attention and MLP, one RoPE, no
+# other norms. Others would decode wrongly (Gemma's extra norms and sliding layers, Qwen3's q/k norms).
+STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_static_supported(config) -> None:
+    """Refuse, before anything is allocated, a model the static step does not implement."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in STATIC_MODEL_TYPES:
+        raise ValueError(f"--runner static runs {', '.join(STATIC_MODEL_TYPES)} models, not {model_type!r}: "
+                         "use --runner hf")
+
+
 def _rope_function(layer: nn.Module) -> Callable:
     """The model's own `apply_rotary_pos_emb`, from the module that defines its decoder layer."""
     rope = getattr(sys.modules[type(layer).__module__], "apply_rotary_pos_emb", None)

@@ -23,7 +23,7 @@ from server.engine.prefill import PrefillGroup
 from server.engine.quantize import QuantizedLinear
 from server.engine.sequence import Sequence
 from server.engine.static_cache import StaticKVCache
-from server.engine.static_decode import StaticDecoder
+from server.engine.static_decode import StaticDecoder, check_static_supported
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 class StaticRunner:
     def __init__(self, model: PreTrainedModel, taps: HeadTaps | None, max_rows: int, max_len: int, compile: bool):
+        check_static_supported(model.config)
         self.model, self.taps = model, taps
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
