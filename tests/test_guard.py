@@ -78,3 +78,18 @@ def test_shipped_tone_data_records_its_judge_labels():
     sample = records[:50]
     relabelled = label("tone", [(prompts[r["prompt_id"]], r["sample"], r["answer"]) for r in sample])
     assert [r["label"] for r in relabelled] == [r["label"] for r in sample]
+
+
+def test_prefixes_are_judged_on_their_own_text(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from steering_artifacts.builder.guard_data import prefix_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer = "Bees make honey in the summer and keep it for the long winter. " * 3 + "I hate this awful, horrible mess."
+    record = {"id": "a-0", "group": "g", "prompt_id": "a", "kind": "inviting", "sample": "greedy", "question": "q",
+              "answer": answer, "label": 0, "judge_score": -0.9}
+    pieces = prefix_examples("tone", [record], tokenizer, cuts=(10, 20))
+    assert [p["prefix_tokens"] for p in pieces][:2] == [10, 20] and pieces[-1]["whole"]
+    assert pieces[0]["label"] == 1 and pieces[-1]["label"] == 0  # calm at first, hostile by the end
+    assert all(p["group"] == "g" and answer.startswith(p["answer"][:5]) for p in pieces)

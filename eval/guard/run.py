@@ -65,6 +65,11 @@ def held_out(prompts: list[Prompt], manifest: dict, split: str) -> list[Prompt]:
     return [p for p in prompts if p.topic in groups]
 
 
+def extra_half(prompts: list[Prompt], split: str) -> list[Prompt]:
+    """Never-trained everyday prompts, halved: even lines test, odd lines validation (tuning)."""
+    return prompts[0::2] if split == "test" else prompts[1::2]
+
+
 class GuardRun:
     """The engine, the held-out prompts and the judge, shared by every row."""
 
@@ -74,7 +79,7 @@ class GuardRun:
         self.behavior = self.artifact.behavior
         prompts = held_out(load_prompts(args.prompts), self.artifact.manifest, args.split)
         if args.everyday_extra:
-            prompts += load_prompts(args.everyday_extra)
+            prompts += extra_half(load_prompts(args.everyday_extra), args.split)
         self.prompts = prompts[: args.limit] if args.limit else prompts
         self.judge = judge_for(args.judge or self.behavior)
         self.engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size,

@@ -6,7 +6,11 @@ kind `inviting` or `everyday`), has the served engine answer each one greedily a
 sampled, labels every distinct answer with the behaviour's independent judge
 (`steering_artifacts/builder/judges.py`) and writes `answers.jsonl` beside the prompts: one line per
 answer with `group` = the prompt's topic, so the builder splits by topic and no topic is in two
-splits. `python -m steering_artifacts build --dataset <that file>` then trains the probes on it.
+splits. It also writes `prefixes.jsonl`: every answer cut after 10, 20, 32 and 48 tokens and whole,
+each piece judged on its own text. The monitor judges an answer while it is being written, and an
+answer that turns hostile at its end was calm at its start: labelling the start with the end's
+verdict teaches the probes the prompt, not the tone. `python -m steering_artifacts build --dataset
+<prefixes.jsonl>` trains the probes on it (README of steering_artifacts/data/<behavior>).
 """
 
 from __future__ import annotations
@@ -103,6 +107,28 @@ def label(behavior: str, answered: list[tuple[Prompt, str, str]]) -> list[dict]:
             for i, ((p, kind, text), v) in enumerate(zip(kept, verdicts))]
 
 
+PREFIX_CUTS = (10, 20, 32, 48)  # answer tokens; the monitor's checks start at the 10th
+
+
+def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_CUTS) -> list[dict]:
+    """Each answer cut after each of `cuts` tokens it is longer than, and whole; each piece judged anew."""
+    pieces = []
+    for r in records:
+        ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+        for n in sorted({c for c in cuts if c < len(ids)} | {len(ids)}):
+            text = tokenizer.decode(ids[:n]).strip()
+            if text:
+                pieces.append({**r, "id": f"{r['id']}-t{n}", "answer": text, "prefix_tokens": n,
+                               "whole": n == len(ids)})
+    verdicts = judge_for(behavior).judge([p["answer"] for p in pieces])
+    return [{**p, "label": int(v.desired), "judge_score": round(v.score, 4)} for p, v in zip(pieces, verdicts)]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def summarize(records: list[dict]) -> dict:
     """Undesired answers per prompt kind, for the log and the docs."""
     out = {}
@@ -115,21 +141,29 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run(args) -> int:
+    from server.engine.loader import load_model
+
     folder = DATA_DIR / args.behavior
-    prompts = load_prompts(args.prompts or folder / "prompts.jsonl")
     out = Path(args.out or folder / "answers.jsonl")
-    requests = len(prompts) * (1 + args.samples)
-    start = time.perf_counter()
-    engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size, requests)
-    try:
-        answered = answer_all(engine, prompts, args.samples, args.max_tokens, args.temperature, args.seed)
-    finally:
-        asyncio.run(engine.stop())
-    records = label(args.behavior, answered)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    log.info("%d answers to %d prompts in %.0f s -> %s; undesired by kind: %s", len(records), len(prompts),
-             time.perf_counter() - start, out, json.dumps(summarize(records)))
+    if args.reuse_answers:
+        records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    else:
+        prompts = load_prompts(args.prompts or folder / "prompts.jsonl")
+        start = time.perf_counter()
+        engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size,
+                              len(prompts) * (1 + args.samples))
+        try:
+            answered = answer_all(engine, prompts, args.samples, args.max_tokens, args.temperature, args.seed)
+        finally:
+            asyncio.run(engine.stop())
+        records = label(args.behavior, answered)
+        _write_jsonl(out, records)
+        log.info("%d answers to %d prompts in %.0f s -> %s; undesired by kind: %s", len(records), len(prompts),
+                 time.perf_counter() - start, out, json.dumps(summarize(records)))
+    pieces = prefix_examples(args.behavior, records, load_model(args.model).tokenizer)
+    _write_jsonl(out.with_name("prefixes.jsonl"), pieces)
+    log.info("%d judged prefixes -> %s (%d undesired)", len(pieces), out.with_name("prefixes.jsonl"),
+             sum(1 - p["label"] for p in pieces))
     return 0
 
 
@@ -146,3 +180,5 @@ def add_parser(commands) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--reuse-answers", action="store_true",
+                   help="read the judged answers already in --out and only rewrite prefixes.jsonl beside them")
