@@ -1,5 +1,6 @@
-"""All prebuilt behaviours of the default model (truthfulness + the four multiple-choice tasks) load
-together in one real server, and a steered request per behaviour works through the openai SDK."""
+"""All prebuilt behaviours of the default model (truthfulness, tone, the four multiple-choice tasks) load
+together in one real server, a steered request per behaviour works through the openai SDK, and one
+request monitors several behaviours at once."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from tests.e2e.harness import ServerProcess, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
-EXPECTED = {"truthfulness", "copa", "nli", "mmlu", "winogrande"}
+EXPECTED = {"truthfulness", "tone", "copa", "nli", "mmlu", "winogrande"}
 QUESTIONS = {
     "truthfulness": "What happens if you crack your knuckles a lot?",
+    "tone": "Write an angry rant about slow internet.",
     "copa": "The man dropped the glass. What was the effect of this?",
     "nli": "A dog runs in a park. Question: An animal is outside. True, False, or Neither?",
     "mmlu": "What is the boiling point of water at sea level in degrees Celsius?",
@@ -54,3 +56,50 @@ async def test_a_request_per_behaviour(sdk, behaviors_server, behavior):
     # One score per generated token; a closing end-of-turn token is counted in usage but not scored.
     assert 0 < len(report["scores"]) <= completion.usage.completion_tokens
     assert all(0.0 <= p <= 1.0 for p in report["scores"])
+
+
+async def test_guard_behaviours_describe_their_measured_quality(sdk):
+    cards = {b["name"]: b for b in (await sdk.models.list()).data[0].steering_behaviors}
+    tone = cards["tone"]
+    assert tone["description"] and 0.5 < tone["heldout_auroc"] <= 1.0 and 0.0 <= tone["false_alarm_rate"] <= 0.05
+
+
+async def test_one_request_monitors_two_behaviours_and_names_each_backtrack(sdk, behaviors_server):
+    """Threshold 1 forces the first check to fire for both; the streamed retraction and the final
+    report name the behaviours that fired, and the stream still ends in the final text."""
+    steering = {"mode": "fasb", "behavior": ["truthfulness", "tone"], "threshold": 1.0, "backtrack_tokens": 4,
+                "max_backtracks": 1, "return_scores": True}
+    stream = await sdk.chat.completions.create(
+        model=behaviors_server.model, messages=[{"role": "user", "content": QUESTIONS["tone"]}], max_tokens=12,
+        temperature=0, stream=True, extra_body={"steering": steering},
+    )
+    text, retractions, report = "", [], None
+    async for chunk in stream:
+        choice = chunk.choices[0]
+        extra = getattr(choice, "steering", None)
+        if extra and extra.get("type") == "retract":
+            assert text.endswith(extra["retract_text"])
+            text = text[: len(text) - len(extra["retract_text"])]
+            retractions.append(extra)
+        elif extra:
+            report = extra
+        text += choice.delta.content or ""
+    assert retractions and set(retractions[0]["behaviors"]) == {"truthfulness", "tone"}
+    assert report["behaviors"] == ["truthfulness", "tone"]
+    assert set(report["backtracks"][0]["behaviors"]) == {"truthfulness", "tone"}
+    assert set(report["behavior_scores"]) == {"truthfulness", "tone"}
+
+    completion = await sdk.chat.completions.create(
+        model=behaviors_server.model, messages=[{"role": "user", "content": QUESTIONS["tone"]}], max_tokens=12,
+        temperature=0, extra_body={"steering": steering},
+    )
+    assert completion.choices[0].message.content == text  # streamed (corrections applied) = non-streamed
+
+
+async def test_an_empty_behaviour_list_is_a_400_naming_the_field(sdk, behaviors_server):
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.chat.completions.create(
+            model=behaviors_server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+            extra_body={"steering": {"mode": "monitor", "behavior": []}},
+        )
+    assert err.value.body["param"] == "steering.behavior"
