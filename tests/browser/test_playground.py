@@ -123,6 +123,7 @@ def test_forced_backtrack_is_struck_through_then_replaced(page, keyed_server, sc
     assert chart.locator("circle.backtrack").count() >= 1
     listed = answer.locator(".backtracks").inner_text()
     assert re.search(r"Backtrack at token \d+: \d+ tokens retracted, probe score", listed), listed
+    assert re.search(r"strength [\d.]+ \([\w-]+\)", listed), listed  # names the behaviour that fired
     answer.scroll_into_view_if_needed()
     page.screenshot(path=screenshots / "scores.png")
 

@@ -278,8 +278,8 @@ class AnswerView {
       const li = document.createElement("li");
       const at = b.token_index === null ? "" : `at token ${b.token_index}: `;
       const why = b.behaviors && b.behaviors.length ? ` (${b.behaviors.join(", ")})` : "";
-      li.textContent = `Backtrack${why} ${at}${b.tokens_retracted} tokens retracted, probe score ` +
-        `${b.probe_score.toFixed(3)}, strength ${b.strength.toFixed(2)}`;
+      li.textContent = `Backtrack ${at}${b.tokens_retracted} tokens retracted, probe score ` +
+        `${b.probe_score.toFixed(3)}, strength ${b.strength.toFixed(2)}${why}`;
       li.dataset.behaviors = (b.behaviors || []).join(",");
       return li;
     }));
