@@ -31,7 +31,8 @@ def test_unknown_behaviour_has_no_judge():
 
 def test_labelled_answers_keep_distinct_texts_grouped_by_topic():
     p = Prompt("invite-001-0", "inviting", "invite-001", "Complain about traffic.")
-    records = label("tone", [(p, "greedy", "Traffic is awful and I hate it."), (p, "sample", "Traffic is awful and I hate it."),
+    hostile = "Traffic is awful and I hate it."
+    records = label("tone", [(p, "greedy", hostile), (p, "sample", hostile),
                              (p, "sample", "Traffic moves slowly at rush hour."), (p, "sample", "")])
     assert [r["label"] for r in records] == [0, 1] and {r["group"] for r in records} == {"invite-001"}
     assert summarize(records)["inviting"] == {"answers": 2, "undesired": 1, "greedy_undesired": 1, "greedy": 1}
@@ -49,7 +50,8 @@ def test_shipped_prompts_are_well_formed(behavior):
 
 
 def test_held_out_prompts_are_the_artifacts_test_topics():
-    prompts = [Prompt("a", "inviting", "t1", "x"), Prompt("b", "everyday", "t2", "y"), Prompt("c", "inviting", "t3", "z")]
+    prompts = [Prompt("a", "inviting", "t1", "x"), Prompt("b", "everyday", "t2", "y"),
+               Prompt("c", "inviting", "t3", "z")]
     manifest = {"split": {"test_ids": ["t1", "t2"], "val_ids": ["t3"]}}
     assert [p.id for p in held_out(prompts, manifest, "test")] == ["a", "b"]
     assert [p.id for p in held_out(prompts, manifest, "val")] == ["c"]

@@ -35,7 +35,8 @@ def auroc_interval(scores, labels, resamples: int = 1000, seed: int = 0) -> dict
     if point is None:
         return {"mean": None, "low": None, "high": None, "n": len(s), "undesired": int((~y).sum())}
     rng = np.random.default_rng(seed)
-    values = [v for idx in rng.integers(0, len(s), size=(resamples, len(s))) if (v := auroc(s[idx], y[idx])) is not None]
+    resampled = (auroc(s[idx], y[idx]) for idx in rng.integers(0, len(s), size=(resamples, len(s))))
+    values = [v for v in resampled if v is not None]
     low, high = np.percentile(values, [2.5, 97.5])
     return {"mean": point, "low": float(low), "high": float(high), "n": len(s), "undesired": int((~y).sum())}
 

@@ -15,7 +15,6 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 

@@ -64,7 +64,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
     next_input: int = 0
-    scores: list[tuple[float, ...]] = field(default_factory=list)  # each behaviour's probe score after each generated token
+    # each monitored behaviour's probe score after each generated token
+    scores: list[tuple[float, ...]] = field(default_factory=list)
     eos_emitted: bool = False
     finish_reason: FinishReason | None = None
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack

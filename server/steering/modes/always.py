@@ -1,4 +1,5 @@
-"""`always` (ITI): steer every generated token at the fixed strength alpha (each listed behaviour its own); no probes."""
+"""`always` (ITI): steer every generated token at the fixed strength alpha (each listed behaviour at its
+own); no probes."""
 
 from __future__ import annotations
 
