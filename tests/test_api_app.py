@@ -96,7 +96,8 @@ async def test_chat_stream_invariants(client):
     assert retracts == [{
         "index": 0, "delta": {}, "logprobs": None, "finish_reason": None,
         "steering": {"type": "retract", "retract_tokens": 2, "retract_text": " in Italy",
-                     "probe_score": 0.31, "strength": 41.4},
+                     "probe_score": 0.31, "strength": 41.4, "behavior": "truthfulness",
+                     "behaviors": ["truthfulness"]},
     }]
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == USAGE
@@ -159,8 +160,9 @@ async def test_chat_non_stream_applies_retractions(client, engine):
     assert choice["finish_reason"] == "stop"
     assert [entry["token"] for entry in choice["logprobs"]["content"]] == ["Paris", " is", " the", " capital."]
     assert choice["steering"] == {
-        "mode": "fasb", "behavior": "truthfulness", "intervened": True,
-        "backtracks": [{"token_index": 4, "tokens_retracted": 2, "probe_score": 0.31, "strength": 41.4}],
+        "mode": "fasb", "behavior": "truthfulness", "behaviors": ["truthfulness"], "intervened": True,
+        "backtracks": [{"token_index": 4, "tokens_retracted": 2, "probe_score": 0.31, "strength": 41.4,
+                        "behavior": "truthfulness", "behaviors": ["truthfulness"]}],
     }
     assert body["usage"] == USAGE
     assert engine.submitted[0].steering is None  # no steering object: the server's defaults

@@ -271,6 +271,7 @@ def test_chat_chunk_shapes():
     assert choice["delta"] == {} and choice["finish_reason"] is None
     assert choice["steering"] == {
         "type": "retract", "retract_tokens": 3, "retract_text": " x", "probe_score": 0.2, "strength": 1.5,
+        "behavior": None, "behaviors": [],
     }
 
     finish = json.loads(chunks.finish(0, Finished("length", 3, 2, 0, None)).model_dump_json())["choices"][0]

@@ -24,6 +24,9 @@ def add_parser(benchmarks) -> None:
                    help="the artifact's held-out (test) or validation topics")
     p.add_argument("--everyday-extra", default=str(EVERYDAY_EXTRA),
                    help="JSONL of everyday prompts never used in training, added to the held-out ones ('' for none)")
+    p.add_argument("--inviting-extra", default="",
+                   help="JSONL of inviting prompts never used in training, halved between val and test like "
+                   "--everyday-extra (tone: eval/data/inviting_tone_prompts.jsonl)")
     p.add_argument("--judge", help="judge name (default: the behaviour's)")
     p.add_argument("--limit", type=int, help="first N prompts (quick runs)")
     p.add_argument("--alpha", type=float, help="FASB alpha (default: the manifest's recommended)")
@@ -36,7 +39,9 @@ def add_parser(benchmarks) -> None:
                    help="--write-recommended: largest share of everyday answers FASB may change")
     p.add_argument("--write-recommended", action="store_true", help="write the chosen values into the manifest")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-batch-size", type=int, default=16)
+    # 1: each answer is computed alone, so it differs from `off` only where steering changed it. The
+    # compiled int4 step's numbers depend on the batch bucket, which flips near-tied greedy choices.
+    p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--model", default="default")
     p.add_argument("--runner", choices=("hf", "static"), default="static")
     p.add_argument("--quantization", choices=("none", "int8", "int4"), default="int4",

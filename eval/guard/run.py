@@ -1,10 +1,10 @@
 """`python -m eval guard`: off / ITI / FASB on held-out inviting and everyday prompts, judged independently.
 
-Every row answers the same prompts greedily through the served engine. The unwanted behaviour is
+Every row answers the same prompts greedily through the served engine; `off` runs with the monitor on
+(which never changes a token), so its answers also give the probes' scores. The unwanted behaviour is
 counted by the behaviour's judge (steering_artifacts/builder/judges.py), and an answer that loops
 (eval/guard/metrics.py) is never counted as fixed. Everyday answers are compared with `off` as exact
-text: FASB's promise is that they stay byte-identical. A `monitor` row (same text as `off`) gives
-the probes' AUROC on the model's own answers.
+text: FASB's promise is that they stay byte-identical.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def held_out(prompts: list[Prompt], manifest: dict, split: str) -> list[Prompt]:
 
 
 def extra_half(prompts: list[Prompt], split: str) -> list[Prompt]:
-    """Never-trained everyday prompts, halved: even lines test, odd lines validation (tuning)."""
+    """Never-trained prompts, halved: even lines test, odd lines validation (tuning)."""
     return prompts[0::2] if split == "test" else prompts[1::2]
 
 
@@ -77,8 +77,9 @@ class GuardRun:
         self.artifact = load_artifact(args.artifact)
         self.behavior = self.artifact.behavior
         prompts = held_out(load_prompts(args.prompts), self.artifact.manifest, args.split)
-        if args.everyday_extra:
-            prompts += extra_half(load_prompts(args.everyday_extra), args.split)
+        for extra in (args.everyday_extra, args.inviting_extra):
+            if extra:
+                prompts += extra_half(load_prompts(extra), args.split)
         self.prompts = prompts[: args.limit] if args.limit else prompts
         self.judge = judge_for(args.judge or self.behavior)
         self.engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size,
@@ -180,13 +181,11 @@ def run_guard(args) -> None:
     backtrack = args.backtrack_tokens if args.backtrack_tokens is not None else rec["backtrack_tokens"]
     name = run.behavior
     try:
-        answers, seconds = run.answers("off", _steering("off", name))
-        off = summarize_row("off", run, answers, seconds, None)
-        monitored, _ = run.answers("monitor", _steering("monitor", name, backtrack_tokens=backtrack,
+        # `monitor` never changes a token (tests/test_engine.py), so its answers are `off`'s, with scores.
+        answers, seconds = run.answers("off", _steering("monitor", name, backtrack_tokens=backtrack,
                                                         return_scores=True))
-        if [a.text for a in monitored] != [a.text for a in answers]:
-            log.warning("monitor changed an answer: the engine is not deterministic across batch compositions")
-        quality = monitor_quality(run, monitored, off["undesired"], threshold, backtrack)
+        off = summarize_row("off (monitored)", run, answers, seconds, None)
+        quality = monitor_quality(run, answers, off["undesired"], threshold, backtrack)
         rows = [off]
         for iti_alpha in args.iti_alphas:
             answers, seconds = run.answers(f"always a={iti_alpha:g}", _steering("always", name, alpha=iti_alpha))

@@ -83,13 +83,12 @@ class SteeringArtifact:
     @property
     def quality(self) -> dict[str, float | None]:
         """What the build measured on held-out data, for clients to judge the monitor by."""
-        measured = self.manifest.get("quality", {})
         accuracy = self.manifest.get("accuracy", {})
-        false_alarm = measured.get("false_alarm_rate", self.manifest["recommended"].get("false_alarm_rate"))
+        held_out = accuracy.get("test_by_position", {}).get("all", {})
         return {
-            "heldout_auroc": measured.get("heldout_auroc"),
-            "heldout_accuracy": measured.get("heldout_accuracy", accuracy.get("ensemble_test")),
-            "false_alarm_rate": false_alarm,
+            "heldout_auroc": held_out.get("auroc"),
+            "heldout_accuracy": held_out.get("accuracy", accuracy.get("ensemble_test")),
+            "false_alarm_rate": self.manifest["recommended"].get("false_alarm_rate"),
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:

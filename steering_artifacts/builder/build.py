@@ -77,6 +77,7 @@ class BuildConfig:
     threads: int | None = None
     progress: bool = True
     command: str | None = None  # the command line, recorded in the manifest
+    description: str | None = None  # for clients (GET /v1/models): what the probes watch and steering does
 
     @property
     def sampling(self) -> Sampling:
@@ -311,6 +312,7 @@ def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, 
     return {
         "format_version": 1,
         "behavior": config.behavior,
+        **({"description": config.description} if config.description else {}),
         "model_id": loaded.model_id,
         "fingerprint": model_fingerprint(loaded.model, [layer for layer, _ in top]),
         "prompt_format": config.prompt_format,
@@ -335,7 +337,8 @@ def _manifest(config: BuildConfig, loaded, dataset: Dataset, split: Split, top, 
             "val_ids": split.val_groups,
             "test_questions": test_questions,
         },
-        "builder": {key: value for key, value in asdict(config).items() if key not in ("progress", "command")}
+        "builder": {key: value for key, value in asdict(config).items()
+                    if key not in ("progress", "command", "description")}
         | {"command": config.command},
         "seed": config.seed,
         "accuracy": report,

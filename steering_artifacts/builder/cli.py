@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("build", help="build one artifact (probes + directions) for a model and behaviour")
     defaults = BuildConfig(behavior="", dataset="")
     p.add_argument("--behavior", required=True, help="artifact name, e.g. truthfulness")
+    p.add_argument("--description", help="one line for clients (GET /v1/models): what the probes watch for")
     p.add_argument(
         "--dataset", required=True, help="'truthfulqa' (mc2 targets), copa, snli, mmlu, winogrande, or a .jsonl file"
     )
