@@ -61,6 +61,7 @@ def test_looping_answers_are_not_fixes():
     assert metrics.loops("I am calm. " * 12)
     assert not metrics.loops("Bees collect nectar, turn it into honey and store it in wax cells for the winter.")
     assert metrics.repeated_ngram_share("short text") == 0.0
+    assert metrics.loops("🎄🎄🎕🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐") and not metrics.loops("Water boils at 100 °C (212 °F).")
 
 
 def test_auroc_and_paired_difference():
