@@ -17,7 +17,8 @@ class Settings(BaseSettings):
     # model
     model: str = Field(
         "default", description="'default' (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder, "
-        "or a hub id (where a hub is reachable)"
+        "a .gguf file (converted once to the cache; chat template from the file; a model without one serves "
+        "/v1/completions only) or a hub id (where a hub is reachable)"
     )
     served_model_name: str | None = Field(
         None, description="the `model` name clients send and /v1/models lists; default: the model's own name"
