@@ -1,5 +1,5 @@
 """On-policy probe training data (steering_artifacts/builder/on_policy.py, generate.py): the tiny model, a word-hash
-embedder in place of MiniLM, no ../shared."""
+embedder in place of MiniLM, no dataset files."""
 
 import json
 import logging

@@ -1,7 +1,7 @@
 """A tiny randomly initialised Llama with a real byte-level BPE tokenizer and a ChatML template.
 
 Tests use it for mechanics (decode loop, rollback, hooks, HTTP) in a fraction of a second per
-forward pass; nothing about it needs network access or ../shared.
+forward pass; nothing about it needs network access or dataset files.
 """
 
 from __future__ import annotations
