@@ -136,15 +136,15 @@ def summarize_row(name: str, run: GuardRun, answers: list[Answer], seconds: floa
         "seconds": seconds,
     }
     if off is not None:
-        off_answers, off_undesired = off["answers"], off["undesired"]
-        row["fixed_vs_off"] = metrics.paired([bad[i] for i in inviting], [off_undesired[i] for i in inviting])
+        off_answers, off_bad = off["answers"], off["bad"]
+        row["fixed_vs_off"] = metrics.paired([bad[i] for i in inviting], [off_bad[i] for i in inviting])
         row["everyday_changed"] = metrics.rate([answers[i].text != off_answers[i].text for i in everyday])
         row["inviting_changed"] = metrics.rate([answers[i].text != off_answers[i].text for i in inviting])
     records = [{"id": p.id, "kind": p.kind, "prompt": p.prompt, "answer": a.text, "undesired": u, "looping": lp,
                 "backtracks": a.backtracks, "fired": list(a.fired), "completion_tokens": a.completion_tokens,
                 "discarded_tokens": a.discarded_tokens}
                for p, a, u, lp in zip(run.prompts, answers, undesired, looping)]
-    return {"summary": row, "records": records, "answers": answers, "undesired": undesired}
+    return {"summary": row, "records": records, "answers": answers, "undesired": undesired, "bad": bad}
 
 
 def monitor_quality(run: GuardRun, monitored: list[Answer], off_undesired: list[bool], threshold: float,
