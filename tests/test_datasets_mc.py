@@ -5,7 +5,13 @@ import json
 import pytest
 
 from steering_artifacts.builder.datasets import load_dataset
-from steering_artifacts.builder.datasets_mc import MMLU_TEST_DIR, Item, items_to_examples, load_mc_dataset, subsample_groups
+from steering_artifacts.builder.datasets_mc import (
+    MMLU_TEST_DIR,
+    Item,
+    items_to_examples,
+    load_mc_dataset,
+    subsample_groups,
+)
 from steering_artifacts.builder.split import split_by_group
 
 COPA_XML = """<?xml version="1.0" encoding="UTF-8"?>

@@ -9,10 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from eval.core.bootstrap import bootstrap_interval, format_interval, paired_difference
-from eval.core.runtime import Generated, generate, start_engine, stop_engine
 from eval.core.judge import MiniLMEmbedder, embed_references, is_uninformative, judge_answers
 from eval.core.recommended import finish_sweep, row_values
 from eval.core.report import print_table, write_json
+from eval.core.runtime import Generated, generate, start_engine, stop_engine
 from eval.truthfulqa.data import Question, load_questions, split_ids
 from server.engine.types import SteeringParams
 from server.steering.artifact import load_artifact

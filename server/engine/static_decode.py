@@ -27,7 +27,6 @@ from torch import nn
 from server.engine.quantize import Int4Linear, QuantizedLinear
 from server.engine.static_cache import StaticKVCache
 
-
 # Model types whose decoder layer is the step's formula: pre-norm attention and MLP, one RoPE, no
 # other norms. Others would decode wrongly (Gemma's extra norms and sliding layers, Qwen3's q/k norms).
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")

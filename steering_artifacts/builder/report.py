@@ -16,7 +16,14 @@ import torch
 
 from server.engine.loader import load_model
 from server.steering.artifact import check_compatible, load_artifact
-from steering_artifacts.builder.build import RELIABILITY_PNG, BuildConfig, _collect, _position_report, _row_split, make_split
+from steering_artifacts.builder.build import (
+    RELIABILITY_PNG,
+    BuildConfig,
+    _collect,
+    _position_report,
+    _row_split,
+    make_split,
+)
 from steering_artifacts.builder.calibration import plot_reliability
 from steering_artifacts.builder.datasets import load_dataset
 
