@@ -62,7 +62,7 @@ class Answer:
 
 
 def same_backtrack(a: dict, b: dict) -> bool:
-    exact = ("token_index", "tokens_retracted")
+    exact = ("token_index", "tokens_retracted", "behavior", "behaviors")
     return all(a[k] == b[k] for k in exact) and all(
         a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a.keys() - set(exact))
 
