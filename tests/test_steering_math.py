@@ -104,12 +104,14 @@ BEHAVIORS = {"truthfulness": BehaviorDefaults(alpha=5.0, threshold=0.5, backtrac
 
 def test_policy_layers_defaults_artifact_then_server_then_request():
     cfg = resolve_steering(None, SteeringParams(), BEHAVIORS)
-    assert (cfg.mode, cfg.alpha, cfg.threshold, cfg.stream_mode) == ("monitor", 5.0, 0.5, "hold")
+    (b,) = cfg.behaviors
+    assert (cfg.mode, b.alpha, b.threshold, cfg.stream_mode) == ("monitor", 5.0, 0.5, "hold")
     cfg = resolve_steering(None, SteeringParams(mode="fasb"), BEHAVIORS)  # --steering-mode fasb
     assert (cfg.mode, cfg.stream_mode) == ("fasb", "hold")
     server = SteeringParams(alpha=7.0)
     cfg = resolve_steering(SteeringParams(threshold=0.4), server, BEHAVIORS)
-    assert (cfg.alpha, cfg.threshold, cfg.stream_mode, cfg.max_backtracks) == (7.0, 0.4, "retract", 1)
+    (b,) = cfg.behaviors
+    assert (b.alpha, b.threshold, cfg.stream_mode, cfg.max_backtracks) == (7.0, 0.4, "retract", 1)
     assert resolve_steering(SteeringParams(mode="off"), server, BEHAVIORS) is None
 
 
@@ -124,3 +126,15 @@ def test_policy_rejects_bad_values_naming_the_field():
         resolve_steering(SteeringParams(mode="fasb"), SteeringParams(), {})
     assert err.value.param == "steering.mode"
     assert resolve_steering(None, SteeringParams(), {}) is None  # no artifact: plain decoding
+
+
+def test_policy_resolves_a_list_of_behaviours_each_with_its_own_defaults():
+    behaviors = {**BEHAVIORS, "tone": BehaviorDefaults(alpha=16.0, threshold=0.4, backtrack_tokens=12, num_heads=24)}
+    cfg = resolve_steering(SteeringParams(mode="fasb", behavior=("truthfulness", "tone")), SteeringParams(), behaviors)
+    assert [(b.name, b.alpha, b.threshold) for b in cfg.behaviors] == [("truthfulness", 5.0, 0.5), ("tone", 16.0, 0.4)]
+    assert cfg.backtrack_tokens == 12  # the longest recommended interval
+    cfg = resolve_steering(SteeringParams(behavior=("tone", "truthfulness"), threshold=0.3), SteeringParams(), behaviors)
+    assert [b.threshold for b in cfg.behaviors] == [0.3, 0.3]  # a request value applies to every behaviour
+    with pytest.raises(InvalidRequestError) as err:
+        resolve_steering(SteeringParams(behavior=("tone", "tone")), SteeringParams(), behaviors)
+    assert err.value.param == "steering.behavior"
