@@ -9,22 +9,20 @@ text: FASB's promise is that they stay byte-identical.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from eval.core.bootstrap import format_interval
 from eval.core.recommended import write_recommended
 from eval.core.report import print_table, write_json
 from eval.guard import metrics
-from server.engine.types import Finished, GenerationRequest, Retraction, SamplingParams, SteeringParams, TextDelta
+from server.engine.offline import Completion, complete_all, start_engine, stop_engine
+from server.engine.types import GenerationRequest, SamplingParams, SteeringParams
 from server.steering.artifact import load_artifact
-from steering_artifacts.builder.guard_data import Prompt, load_prompts, start_engine
+from steering_artifacts.builder.guard_data import Prompt, load_prompts
 from steering_artifacts.builder.judges import judge_for
 
 log = logging.getLogger(__name__)
@@ -40,22 +38,11 @@ class Answer:
     scores: list[float] | None  # per answer token, with return_scores
 
 
-async def _answer(engine, request: GenerationRequest, bar: tqdm) -> Answer:
-    text, finished = "", None
-    async for event in engine.submit(request):
-        if isinstance(event, TextDelta):
-            text += event.text
-        elif isinstance(event, Retraction):
-            text = text[: len(text) - len(event.text)]
-        elif isinstance(event, Finished):
-            finished = event
-        else:
-            raise RuntimeError(f"request {request.request_id} failed: {event}")
-    bar.update()
-    report = finished.steering
+def _answer(done: Completion) -> Answer:
+    report = done.finished.steering
     fired = tuple(name for b in (report.backtracks if report else []) for name in b.behaviors)
-    return Answer(text.strip(), finished.completion_tokens, finished.discarded_tokens,
-                  len(report.backtracks) if report else 0, fired, report.scores if report else None)
+    return Answer(done.text.strip(), done.finished.completion_tokens, done.finished.discarded_tokens,
+                  done.backtracks, fired, report.scores if report else None)
 
 
 def held_out(prompts: list[Prompt], manifest: dict, split: str) -> list[Prompt]:
@@ -82,23 +69,19 @@ class GuardRun:
                 prompts += extra_half(load_prompts(extra), args.split)
         self.prompts = prompts[: args.limit] if args.limit else prompts
         self.judge = judge_for(args.judge or self.behavior)
-        self.engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size,
-                                   len(self.prompts), artifacts=[str(args.artifact)])
+        self.engine = start_engine(args.model, requests=len(self.prompts), runner=args.runner,
+                                   quantization=args.quantization, max_batch_size=args.max_batch_size,
+                                   artifacts=[str(args.artifact)])
         self.ids = [self.engine.encode_chat([{"role": "user", "content": p.prompt}]) for p in self.prompts]
 
     def close(self) -> None:
-        asyncio.run(self.engine.stop())
+        stop_engine(self.engine)
 
     def answers(self, name: str, steering: SteeringParams | None) -> tuple[list[Answer], float]:
         sampling = SamplingParams(max_tokens=self.args.max_tokens, temperature=0.0)
         requests = [GenerationRequest(f"{name}-{i}", ids, sampling, steering) for i, ids in enumerate(self.ids)]
-
-        async def run():
-            with tqdm(total=len(requests), desc=name, leave=False) as bar:
-                return await asyncio.gather(*(_answer(self.engine, r, bar) for r in requests))
-
         start = time.perf_counter()
-        answers = asyncio.run(run())
+        answers = [_answer(done) for done in complete_all(self.engine, requests, name)]
         return answers, time.perf_counter() - start
 
     def undesired(self, answers: list[Answer]) -> list[bool]:

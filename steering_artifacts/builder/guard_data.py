@@ -15,14 +15,11 @@ verdict teaches the probes the prompt, not the tone. `python -m steering_artifac
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from steering_artifacts.builder.judges import judge_for
 
@@ -44,37 +41,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     return [Prompt(r["id"], r["kind"], r["topic"], r["prompt"]) for r in rows]
 
 
-def start_engine(model: str, runner: str, quantization: str, max_batch_size: int, requests: int,
-                 artifacts: list[str] | None = None):
-    """An in-process engine as the server runs it (no HTTP); the queue holds every request at once."""
-    from server.config import Settings
-    from server.engine.engine import Engine
-
-    settings = Settings(model=model, runner=runner, quantization=quantization, max_batch_size=max_batch_size,
-                        max_queue=requests + 8, steering_mode="off", artifacts=list(artifacts or []),
-                        no_default_artifacts=True)
-    engine = Engine(settings)
-    engine.load()
-    return engine
-
-
-async def _final_text(engine, request, bar: tqdm) -> str:
-    """The answer as a client would end up showing it (retractions applied)."""
-    from server.engine.types import Retraction, TextDelta
-
-    text = ""
-    async for event in engine.submit(request):
-        if isinstance(event, TextDelta):
-            text += event.text
-        elif isinstance(event, Retraction):
-            text = text[: len(text) - len(event.text)]
-    bar.update()
-    return text
-
-
 def answer_all(engine, prompts: list[Prompt], samples: int, max_tokens: int, temperature: float,
                seed: int) -> list[tuple[Prompt, str, str]]:
     """(prompt, "greedy" | "sample", answer) for every prompt: one greedy answer and `samples` sampled ones."""
+    from server.engine.offline import complete_all
     from server.engine.types import GenerationRequest, SamplingParams
 
     jobs = []
@@ -86,11 +56,7 @@ def answer_all(engine, prompts: list[Prompt], samples: int, max_tokens: int, tem
             sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + 1000 * i + k)
             jobs.append((p, "sample", GenerationRequest(f"{p.id}-s{k}", ids, sampling, None)))
 
-    async def run() -> list[str]:
-        with tqdm(total=len(jobs), desc="answers", unit="answer", mininterval=5) as bar:
-            return await asyncio.gather(*(_final_text(engine, job[2], bar) for job in jobs))
-
-    texts = asyncio.run(run())
+    texts = [c.text for c in complete_all(engine, [job[2] for job in jobs])]
     return [(p, kind, text.strip()) for (p, kind, _), text in zip(jobs, texts)]
 
 
@@ -142,6 +108,7 @@ def summarize(records: list[dict]) -> dict:
 
 def run(args) -> int:
     from server.engine.loader import load_model
+    from server.engine.offline import start_engine, stop_engine
 
     folder = DATA_DIR / args.behavior
     out = Path(args.out or folder / "answers.jsonl")
@@ -150,12 +117,12 @@ def run(args) -> int:
     else:
         prompts = load_prompts(args.prompts or folder / "prompts.jsonl")
         start = time.perf_counter()
-        engine = start_engine(args.model, args.runner, args.quantization, args.max_batch_size,
-                              len(prompts) * (1 + args.samples))
+        engine = start_engine(args.model, requests=len(prompts) * (1 + args.samples), runner=args.runner,
+                              quantization=args.quantization, max_batch_size=args.max_batch_size)
         try:
             answered = answer_all(engine, prompts, args.samples, args.max_tokens, args.temperature, args.seed)
         finally:
-            asyncio.run(engine.stop())
+            stop_engine(engine)
         records = label(args.behavior, answered)
         _write_jsonl(out, records)
         log.info("%d answers to %d prompts in %.0f s -> %s; undesired by kind: %s", len(records), len(prompts),
