@@ -133,7 +133,8 @@ def test_policy_resolves_a_list_of_behaviours_each_with_its_own_defaults():
     cfg = resolve_steering(SteeringParams(mode="fasb", behavior=("truthfulness", "tone")), SteeringParams(), behaviors)
     assert [(b.name, b.alpha, b.threshold) for b in cfg.behaviors] == [("truthfulness", 5.0, 0.5), ("tone", 16.0, 0.4)]
     assert cfg.backtrack_tokens == 12  # the longest recommended interval
-    cfg = resolve_steering(SteeringParams(behavior=("tone", "truthfulness"), threshold=0.3), SteeringParams(), behaviors)
+    asked = SteeringParams(behavior=("tone", "truthfulness"), threshold=0.3)
+    cfg = resolve_steering(asked, SteeringParams(), behaviors)
     assert [b.threshold for b in cfg.behaviors] == [0.3, 0.3]  # a request value applies to every behaviour
     with pytest.raises(InvalidRequestError) as err:
         resolve_steering(SteeringParams(behavior=("tone", "tone")), SteeringParams(), behaviors)

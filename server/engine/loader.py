@@ -110,7 +110,8 @@ def converted_gguf_model(gguf_path: Path, cache_dir: Path | None = None) -> Path
     if not gguf_path.is_file():
         raise FileNotFoundError(f"model file {gguf_path} does not exist")
     stem = re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower())
-    target = (cache_dir or default_cache_dir()) / f"gguf-{stem}-{_gguf_file_key(gguf_path)}-{_CACHE_FORMAT}{SAVED_FILES_TAG}"
+    folder = f"gguf-{stem}-{_gguf_file_key(gguf_path)}-{_CACHE_FORMAT}{SAVED_FILES_TAG}"
+    target = (cache_dir or default_cache_dir()) / folder
     if _is_converted(target):
         return target
     return _convert_gguf(gguf_path, target, str(gguf_path))
