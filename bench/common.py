@@ -243,8 +243,22 @@ def host_info() -> str:
 
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()}, {os.cpu_count()} cpus{gpu}, torch {torch.__version__}, "
+    return (f"{cpu_name()} ({platform.machine()}, {os.cpu_count()} cpus){gpu}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, load avg {load:.1f}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its matrix extensions (numbers differ between CPU models)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extensions = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} [{', '.join(extensions) or 'no AVX-512 VNNI/AMX'}]"
 
 
 def write_json(path: str, payload: dict) -> None:
