@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    BackgroundServer,
     ServerProcess,
     StreamRecord,
     astream_chat,
@@ -89,43 +88,12 @@ class Cell:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-class LlamaServer:
+def llama_server(binary: str, gguf: str, threads: int, slots: int, slot_context: int) -> BackgroundServer:
     """`llama-server` on a free port with `slots` parallel sequences, each room for the growing chat."""
-
-    def __init__(self, binary: str, gguf: str, threads: int, slots: int, slot_context: int):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
-        cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
-               "-tb", str(threads), "--parallel", str(slots), "-c", str(slots * slot_context), "-ngl", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"llama-server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        return "".join(Path(self.log.name).read_text(errors="replace").splitlines(True)[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-        os.unlink(self.log.name)
+    port = free_port()
+    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-tb", str(threads), "--parallel", str(slots), "-c", str(slots * slot_context), "-ngl", "0"]
+    return BackgroundServer(cmd, port, name="llama-server")
 
 
 def body(server: str, model: str, messages: list[dict], tokens: int, ignore_eos: bool = True) -> dict:
@@ -234,7 +202,7 @@ def run(args) -> int:
     fasb = ServerProcess(["--model", args.model, "--runner", "static", "--quantization", "int4",
                           "--max-batch-size", str(max(args.levels)), "--max-queue", str(4 * max(args.levels))],
                          threads=args.threads)
-    llama = LlamaServer(args.llama_server, args.gguf or default_gguf(), args.threads, max(args.levels),
+    llama = llama_server(args.llama_server, args.gguf or default_gguf(), args.threads, max(args.levels),
                         args.slot_context)
     try:
         print("starting both servers (the static runner compiles its step first: minutes) ...", file=sys.stderr)

@@ -44,17 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m server <server_args>` on a free port; its output goes to a log shown if it fails."""
+class BackgroundServer:
+    """A server subprocess (`cmd`, listening on `port`) that answers GET /health; its output goes to a
+    log shown if it fails."""
 
-    def __init__(self, server_args: list[str], port: int = 0, threads: int = 0):
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *server_args]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fasb-bench-server-", suffix=".log", delete=False)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str] | None = None, name: str = "server"):
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
@@ -63,14 +61,14 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(self.base + "/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         self.log.flush()
@@ -86,6 +84,18 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         os.unlink(self.log.name)
+
+
+class ServerProcess(BackgroundServer):
+    """`python -m server <server_args>` on a free port."""
+
+    def __init__(self, server_args: list[str], port: int = 0, threads: int = 0):
+        port = port or free_port()
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *server_args]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
+        super().__init__(cmd, port, env, name="fasb-bench-server")
 
 
 # ---------------------------------------------------------------------------------------------
