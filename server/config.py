@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         "running streams when requests arrive; smaller pauses less, but first tokens come later"
     )
 
+    prefix_cache_mb: int = Field(
+        256, ge=0, description="memory for automatic prefix caching (keys/values of prompt prefixes and finished "
+        "answers, reused by later requests that start with them; least recently used dropped first); 0 turns it off"
+    )
+
     # admission, budgets, lifecycle (docs/operations.md)
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="largest request body; larger ones get 413 before they are read"

@@ -39,12 +39,27 @@ class Metrics:
             "fasb_time_to_first_token_seconds", "Time from request to first streamed text", buckets=_TTFT_BUCKETS,
             registry=reg,
         )
+        self.prefix_cache_hit_tokens = Counter(
+            "fasb_prefix_cache_hit_tokens",
+            "Prompt tokens read from the prefix cache (hit rate: over fasb_prompt_tokens)",
+            registry=reg,
+        )
+        self.prefix_cache_blocks = Gauge("fasb_prefix_cache_blocks", "Prefix cache blocks in use", registry=reg)
+        self.prefix_cache_capacity = Gauge(
+            "fasb_prefix_cache_capacity_blocks", "Prefix cache blocks the memory budget holds", registry=reg
+        )
+        self.prefix_cache_evicted = Counter(
+            "fasb_prefix_cache_evicted_blocks", "Prefix cache blocks dropped to make room (least recently used)",
+            registry=reg,
+        )
+        self._evicted_seen = 0
         self.queue_waiting = Gauge("fasb_queue_waiting", "Requests waiting for a batch slot", registry=reg)
         self.queue_running = Gauge("fasb_queue_running", "Requests being decoded", registry=reg)
 
     # -- engine side
-    def observe_tokens(self, prompt: int = 0, generated: int = 0, discarded: int = 0) -> None:
+    def observe_tokens(self, prompt: int = 0, generated: int = 0, discarded: int = 0, cached: int = 0) -> None:
         self.prompt_tokens.inc(prompt)
+        self.prefix_cache_hit_tokens.inc(cached)
         self.generation_tokens.inc(generated)
         self.discarded_tokens.inc(discarded)
 
@@ -58,6 +73,12 @@ class Metrics:
     def set_queue(self, waiting: int, running: int) -> None:
         self.queue_waiting.set(waiting)
         self.queue_running.set(running)
+
+    def set_prefix_cache(self, blocks: int, capacity: int, evicted_total: int) -> None:
+        self.prefix_cache_blocks.set(blocks)
+        self.prefix_cache_capacity.set(capacity)
+        self.prefix_cache_evicted.inc(evicted_total - self._evicted_seen)
+        self._evicted_seen = evicted_total
 
     # -- HTTP side
     def observe_request(self, endpoint: str, status: int, latency_s: float) -> None:

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.asyncio
 MODEL = "fake-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 FINAL_TEXT = "Paris is the capital."  # backtracking_script after its retraction
-USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "discarded_tokens": 2}
+USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "discarded_tokens": 2,
+         "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def until_ready(engine: FakeEngine) -> None:

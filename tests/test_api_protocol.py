@@ -324,16 +324,19 @@ def test_retraction_that_is_not_a_suffix_is_an_engine_bug():
 
 
 def test_usage_counts_the_prompt_once():
-    usage = usage_of([Finished("stop", 5, 3, 1, None), Finished("length", 5, 4, 2, None)])
-    assert usage.model_dump() == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "discarded_tokens": 3}
+    usage = usage_of([Finished("stop", 5, 3, 1, None, cached_tokens=4),
+                      Finished("length", 5, 4, 2, None, cached_tokens=4)])
+    assert usage.model_dump() == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "discarded_tokens": 3,
+                                  "prompt_tokens_details": {"cached_tokens": 4}}
 
 
 def test_usage_counts_each_prompt_once():
     # two prompts (5 and 9 tokens) x n=2, in choice order
     finished = [Finished("stop", 5, 1, 0, None), Finished("stop", 5, 2, 0, None),
-                Finished("stop", 9, 3, 1, None), Finished("stop", 9, 4, 0, None)]
+                Finished("stop", 9, 3, 1, None, cached_tokens=8), Finished("stop", 9, 4, 0, None, cached_tokens=8)]
     usage = usage_of(finished, prompts=2).model_dump()
-    assert usage == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24, "discarded_tokens": 1}
+    assert usage == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24, "discarded_tokens": 1,
+                     "prompt_tokens_details": {"cached_tokens": 8}}
 
 
 # --------------------------------------------------------------------------- submitting choices

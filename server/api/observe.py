@@ -30,6 +30,7 @@ class RequestRecord:
     streamed: bool = False
     first_text_at: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     discarded_tokens: int = 0
     backtracks: int = 0
@@ -40,6 +41,7 @@ class RequestRecord:
             self.first_text_at = time.perf_counter()
         elif isinstance(event, Finished):
             self.prompt_tokens = event.prompt_tokens
+            self.cached_tokens = event.cached_tokens
             self.completion_tokens += event.completion_tokens
             self.discarded_tokens += event.discarded_tokens
             self.backtracks += len(event.steering.backtracks) if event.steering else 0
@@ -90,9 +92,9 @@ class RequestObserver:
         if scope["path"] in _QUIET_PATHS:
             return
         log.info(
-            "%s %s %s model=%s prompt_tokens=%d completion_tokens=%d discarded_tokens=%d backtracks=%d "
-            "finish=%s latency_ms=%.0f status=%d",
+            "%s %s %s model=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d discarded_tokens=%d "
+            "backtracks=%d finish=%s latency_ms=%.0f status=%d",
             record.request_id, scope["method"], printable(scope["path"]), printable(record.model), record.prompt_tokens,
-            record.completion_tokens, record.discarded_tokens, record.backtracks,
+            record.cached_tokens, record.completion_tokens, record.discarded_tokens, record.backtracks,
             ",".join(record.finish_reasons) or "-", (now - record.started) * 1000, status,
         )

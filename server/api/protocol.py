@@ -679,10 +679,15 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens read from the prefix cache instead of computed")
+
+
 class Usage(OpenAIBaseModel):
     prompt_tokens: int
     completion_tokens: int  # tokens in the final answers, as in OpenAI
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     # not in the OpenAI spec
     discarded_tokens: int = Field(0, description="(extension) tokens generated, then retracted by backtracking")
 

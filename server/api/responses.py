@@ -302,6 +302,7 @@ def response_usage(finished: Finished) -> ResponseUsage:
         output_tokens=finished.completion_tokens,
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
         discarded_tokens=finished.discarded_tokens,
+        input_tokens_details={"cached_tokens": finished.cached_tokens},
     )
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from server.api.protocol import Usage
+from server.api.protocol import PromptTokensDetails, Usage
 from server.engine.types import (
     BehaviorInfo,
     EngineEvent,
@@ -224,5 +224,6 @@ def usage_of(finished: Sequence[Finished], prompts: int = 1) -> Usage:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in finished[::per_prompt])),
         discarded_tokens=sum(f.discarded_tokens for f in finished),
     )

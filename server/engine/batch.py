@@ -16,7 +16,8 @@ import torch
 
 from server.engine.detokenizer import token_bytes, token_text
 from server.engine.logits import LogitsProcessors
-from server.engine.prefill import PrefillGroup
+from server.engine.prefill import PrefillGroup, row_kv
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import Runner
 from server.engine.sampling import SamplingTensors, compute_logprobs, sample
 from server.engine.sequence import Phase, Sequence
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 
 class Batch:
     def __init__(
-        self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank], eos_ids: frozenset[int] = frozenset()
+        self, runner: Runner, tokenizer, banks: dict[str, BehaviorBank], eos_ids: frozenset[int] = frozenset(),
+        prefix_cache: PrefixCache | None = None,
     ):
         self.runner = runner
+        self.prefix_cache = prefix_cache  # prompts offered when prefilled, answers when finished
         self.model = runner.model  # the scheduler prefills with it
         self.taps = runner.taps
         self.tokenizer = tokenizer
@@ -49,6 +52,9 @@ class Batch:
 
     def add_group(self, group: PrefillGroup) -> None:
         """Join prefilled newcomers; they decode from the next step on."""
+        if self.prefix_cache is not None and group.cache is not None:
+            for r, seq in enumerate(group.seqs):  # now, so requests arriving while these run share it
+                self.prefix_cache.insert(seq.prompt[:-1], row_kv(group.cache, group.valid, r))
         columns, shift = self.runner.add_group(group)
         if shift:
             for row in self.rows:
@@ -62,12 +68,24 @@ class Batch:
     def remove_finished(self) -> list[Sequence]:
         done = [r for r in self.rows if r.phase is Phase.DONE or r.cancelled]
         if done:
+            self._offer_answers()
             keep = [i for i, r in enumerate(self.rows) if not (r.phase is Phase.DONE or r.cancelled)]
             self.runner.remove_rows(keep)
             self.rows = [self.rows[i] for i in keep]
             self._dirty = True
             self.runner.tidy(self.rows)
         return done
+
+    def _offer_answers(self) -> None:
+        """Offer each answered row's unsteered prompt+answer to the prefix cache (a next chat turn
+        starts with it) before its cache row goes."""
+        if self.prefix_cache is None:
+            return
+        for b, row in enumerate(self.rows):
+            if row.reported and not row.cancelled:
+                tokens = row.unsteered_tokens
+                if len(tokens) >= len(row.prompt) - 1 + self.prefix_cache.block_tokens:  # a new block at least
+                    self.prefix_cache.insert(tokens, self.runner.row_kv(b, len(tokens)))
 
     def step(self) -> None:
         """Decode one token for every row, then let each row apply it (accept, check, backtrack)."""

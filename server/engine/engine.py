@@ -22,6 +22,7 @@ from server.engine.batch import Batch
 from server.engine.grammar import GrammarCompiler
 from server.engine.loader import LoadedModel, load_model
 from server.engine.output import TextOutput
+from server.engine.prefix_cache import PrefixCache
 from server.engine.processors import DecodingState
 from server.engine.quantize import quantize_weights
 from server.engine.runner import make_runner
@@ -161,7 +162,8 @@ class Engine:
         self._load_artifacts(loaded)
         self._grammars = _grammar_compiler(loaded, self._eos_ids)
         runner = make_runner(s.runner, loaded.model, self._taps, s.max_batch_size, self.max_model_len, s.compile)
-        batch = Batch(runner, loaded.tokenizer, self._banks, self._eos_ids)
+        prefix_cache = _prefix_cache(loaded.model, s.prefix_cache_mb)
+        batch = Batch(runner, loaded.tokenizer, self._banks, self._eos_ids, prefix_cache)
         pad_id = loaded.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else min(self._eos_ids, default=0)
         self.ready = True
@@ -416,7 +418,8 @@ class Engine:
 
     def _observe_finished(self, event: Finished) -> None:
         m = self.metrics
-        m.observe_tokens(event.prompt_tokens, event.completion_tokens + event.discarded_tokens, event.discarded_tokens)
+        m.observe_tokens(event.prompt_tokens, event.completion_tokens + event.discarded_tokens, event.discarded_tokens,
+                         event.cached_tokens)
         if event.steering is not None:
             m.observe_check(event.steering.checks)
             for backtrack in event.steering.backtracks:
@@ -430,6 +433,9 @@ class Engine:
     def _report_queue(self) -> None:
         stats = self._queue.stats()
         self.metrics.set_queue(stats["waiting"], stats["running"])
+        prefix = self._scheduler.batch.prefix_cache if self._scheduler is not None else None
+        if prefix is not None:
+            self.metrics.set_prefix_cache(prefix.blocks_used, prefix.capacity, prefix.evicted)
 
     def _require_ready(self) -> LoadedModel:
         if not self.ready or self._loaded is None:
@@ -475,3 +481,14 @@ def _behavior_names(flag: str | None) -> tuple[str, ...] | None:
     """--default-behavior's comma-separated names (None: not set)."""
     names = tuple(n.strip() for n in (flag or "").split(",") if n.strip())
     return names or None
+
+
+def _prefix_cache(model, megabytes: int) -> PrefixCache | None:
+    if not megabytes:
+        return None
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = PrefixCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, model.dtype, model.device,
+                        megabytes * 2**20)
+    log.info("prefix cache: %d blocks of %d tokens (%d MiB)", cache.capacity, cache.block_tokens, megabytes)
+    return cache

@@ -57,8 +57,8 @@ class BatchKVCache:
         return self.valid.shape[1]
 
     def add_rows(self, rows_cache: DynamicCache | None, rows_valid: torch.Tensor) -> tuple[list[list[int]], int]:
-        """Append prefilled rows: their own cache `[n, H, W, D]` per layer, right-aligned, with
-        `rows_valid [n, W]` marking real columns.
+        """Append prefilled rows: their own cache `[n, H, W, D]` per layer, with `rows_valid [n, W]`
+        marking real columns (right-aligned; a row's cached prefix and the rest may leave a hole).
 
         Returns each new row's columns (position order) and how far the existing rows' columns
         moved right (the batch is left-padded when the newcomers are wider).
@@ -75,10 +75,11 @@ class BatchKVCache:
                 for i in range(n_layers)
             ])
         self.valid = torch.cat([_left_pad_mask(self.valid, width), _left_pad_mask(rows_valid.to(self.device), width)])
-        lengths = rows_valid.sum(dim=1).tolist()
+        offset = width - rows_valid.shape[1]
+        columns = [[offset + c for c in row.nonzero().squeeze(1).tolist()] for row in rows_valid.cpu()]
         was_empty = self.batch_size == rows_valid.shape[0]
-        self._holes = (self._holes and not was_empty) or shift > 0 or any(n < width for n in lengths)
-        return [list(range(width - n, width)) for n in lengths], shift
+        self._holes = (self._holes and not was_empty) or shift > 0 or any(len(c) < width for c in columns)
+        return columns, shift
 
     def _merge(self, old, new, j: int, n_new: int, width: int) -> torch.Tensor:
         # old/new: (keys, values) pairs or None; j picks keys (0) or values (1). A side without

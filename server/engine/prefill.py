@@ -7,6 +7,11 @@ the finished group joins the running batch in one merge.
 
 Each row prefills its prompt minus the last token: the first decode step feeds that token, so
 every sampled token comes from the same batched step (and steering can start at it).
+
+With a prefix cache (prefix_cache.py), the group's first `cached_width` columns hold each row's
+cached prefix (right-aligned, already computed) and prefill starts after them; the rest of each
+row's prompt is right-aligned after that. A row may thus have a hole between the two parts:
+`valid` masks it, and positions count only valid columns.
 """
 
 from __future__ import annotations
@@ -15,26 +20,37 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.hf_compat import cache_kwarg, output_cache
+from server.engine.kv_cache import _cache_from
+from server.engine.prefix_cache import LayerKV, PrefixCache
 from server.engine.sequence import Sequence
 
 
 class PrefillGroup:
-    def __init__(self, seqs: list[Sequence], device: torch.device, pad_id: int):
+    def __init__(self, seqs: list[Sequence], device: torch.device, pad_id: int, prefix: PrefixCache | None = None):
         self.seqs = seqs
         contexts = [s.prompt[:-1] for s in seqs]
-        self.width = max(len(c) for c in contexts)
+        hits = [prefix.lookup(c) if prefix is not None else [] for c in contexts]
+        for seq, blocks in zip(seqs, hits):
+            seq.cached_tokens = len(blocks) * prefix.block_tokens if prefix is not None else 0
+        cached = [s.cached_tokens for s in seqs]
+        self.cached_width = max(cached)
+        self.width = self.cached_width + max(len(c) - n for c, n in zip(contexts, cached))
         self.input_ids = torch.full((len(seqs), self.width), pad_id, dtype=torch.long)
         self.valid = torch.zeros(len(seqs), self.width, dtype=torch.bool)
-        for row, context in enumerate(contexts):
-            if context:
-                self.input_ids[row, self.width - len(context) :] = torch.tensor(context)
-                self.valid[row, self.width - len(context) :] = True
+        for row, (context, n) in enumerate(zip(contexts, cached)):
+            self.valid[row, self.cached_width - n : self.cached_width] = True
+            rest = context[n:]
+            if rest:
+                self.input_ids[row, self.width - len(rest) :] = torch.tensor(rest)
+                self.valid[row, self.width - len(rest) :] = True
         self.positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)  # [n, W]: 0 at each first real token
         self.input_ids, self.valid, self.positions = (
             t.to(device) for t in (self.input_ids, self.valid, self.positions)
         )
         self.cache: DynamicCache | None = None
-        self.done = 0  # columns prefilled so far
+        if self.cached_width:
+            self.cache = _cache_from(_cached_columns([prefix.read(b) if b else None for b in hits], self.cached_width))
+        self.done = self.cached_width  # columns prefilled (or read from the prefix cache) so far
 
     @property
     def finished(self) -> bool:
@@ -64,3 +80,26 @@ class PrefillGroup:
         allowed = (key <= query)[None] & self.valid[:, None, :end]
         allowed |= (key == query)[None]
         return allowed[:, None]
+
+
+def row_kv(cache: DynamicCache, valid: torch.Tensor, row: int) -> LayerKV:
+    """Row `row`'s keys/values at its valid columns, in position order: per layer ([kv_heads, n, D], same)."""
+    columns = valid[row].nonzero().squeeze(1)
+    return [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
+            for layer in cache.layers]
+
+
+def _cached_columns(rows: list[LayerKV | None], width: int) -> LayerKV:
+    """Per layer, [n, kv_heads, width, D] holding each row's cached prefix right-aligned (zeros before it)."""
+    ref = next(r for r in rows if r is not None)
+    out = []
+    for layer, (k0, _) in enumerate(ref):
+        keys = k0.new_zeros(len(rows), k0.shape[0], width, k0.shape[2])
+        values = torch.zeros_like(keys)
+        for r, kv in enumerate(rows):
+            if kv is not None:
+                k, v = kv[layer]
+                keys[r, :, width - k.shape[1] :] = k
+                values[r, :, width - v.shape[1] :] = v
+        out.append((keys, values))
+    return out

@@ -12,7 +12,8 @@ order (row b is `batch.rows[b]`):
 * `decode(inputs, positions)`: one token for every row -> logits `[B, V]` and, when capturing, the
   tap layers' head activations `[taps, B, H*D]`; no host sync;
 * `truncate(row, dropped_cols, length)`: a backtrack; the row keeps `length` positions;
-* `tidy(rows)`: housekeeping between steps (compaction for the hf runner).
+* `tidy(rows)`: housekeeping between steps (compaction for the hf runner);
+* `row_kv(row, n)`: the keys/values of a row's first n positions (for the prefix cache).
 
 Two runners: `hf` (this file: transformers' forward with a `DynamicCache`, steering by hooks) and
 `static` (server/engine/static_runner.py: preallocated slots, one compiled step).
@@ -27,8 +28,9 @@ import torch
 from transformers import PreTrainedModel
 
 from server.engine.decode import decode_step
-from server.engine.kv_cache import BatchKVCache
+from server.engine.kv_cache import BatchKVCache, _layers_kv
 from server.engine.prefill import PrefillGroup
+from server.engine.prefix_cache import LayerKV
 from server.engine.sequence import Sequence
 from server.steering.taps import HeadTaps
 
@@ -50,6 +52,7 @@ class Runner(Protocol):
     def decode(self, inputs: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None: ...
     def tidy(self, rows: list[Sequence]) -> None: ...
+    def row_kv(self, row: int, n: int) -> LayerKV: ...
 
 
 class HFRunner:
@@ -86,6 +89,11 @@ class HFRunner:
 
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
         self.cache.invalidate(row, dropped_cols)
+
+    def row_kv(self, row: int, n: int) -> LayerKV:
+        columns = self.cache.valid[row].nonzero().squeeze(1)[:n]  # a row's valid columns are in position order
+        layers = _layers_kv(self.cache.cache)
+        return [(k[row].index_select(1, columns), v[row].index_select(1, columns)) for k, v in layers]
 
     def tidy(self, rows: list[Sequence]) -> None:
         longest = max((len(r.cols) for r in rows), default=0)

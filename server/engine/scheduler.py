@@ -146,9 +146,9 @@ class Scheduler:
             self.waiting_for_work = False
             self.heartbeat = time.monotonic()  # waiting for work is not being stuck
             if newcomers:
-                self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id)
-                log.debug("prefilling %d newcomers (%d columns) beside %d running rows",
-                          len(newcomers), self._group.width, len(self.batch))
+                self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id, self.batch.prefix_cache)
+                log.debug("prefilling %d newcomers (%d columns, %d from the prefix cache) beside %d running rows",
+                          len(newcomers), self._group.width, self._group.cached_width, len(self.batch))
         if self._group is not None:
             self._prefill_chunk()
         if self.batch.rows:

@@ -72,6 +72,8 @@ class Sequence:
     dropped_cols: list[int] = field(default_factory=list)  # cache columns a backtrack freed
     cancelled: bool = False
     reported: bool = False  # its Finished event was emitted
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    steered_from: int | None = None  # the first position fed with steering on: later keys/values depend on it
 
     def __post_init__(self):
         self.next_input = self.prompt[-1]
@@ -113,6 +115,12 @@ class Sequence:
     def can_backtrack(self) -> bool:
         return self.controller is not None and self.controller.can_backtrack
 
+    @property
+    def unsteered_tokens(self) -> list[int]:
+        """prompt+generated tokens whose cached keys/values no steering touched: a prefix cache may keep them."""
+        fed = len(self.cols) if self.steered_from is None else min(len(self.cols), self.steered_from)
+        return (self.prompt + self.generated)[:fed]
+
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
@@ -128,6 +136,8 @@ class Sequence:
     def advance(self, column: int, score: tuple[float, ...] | None, token: int, logprob: TokenLogprob | None) -> None:
         """Apply one forward pass: `column` now holds `next_input`; `token` was sampled from it;
         `score`: each monitored behaviour's probe score at that position."""
+        if self.steered_from is None and any(self.strengths):  # the strengths this step ran with
+            self.steered_from = len(self.cols)
         self.cols.append(column)
         if score is not None and self.generated:
             del self.scores[len(self.generated) - 1 :]
@@ -206,6 +216,7 @@ class Sequence:
             Finished(
                 finish_reason=self.finish_reason or "stop",
                 prompt_tokens=len(self.prompt),
+                cached_tokens=self.cached_tokens,
                 completion_tokens=len(self.generated) + int(self.eos_emitted),
                 discarded_tokens=self.discarded,
                 steering=self.report(),

@@ -18,8 +18,8 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from server.engine.kv_cache import _layers_kv
-from server.engine.prefill import PrefillGroup
+from server.engine.prefill import PrefillGroup, row_kv
+from server.engine.prefix_cache import LayerKV
 from server.engine.quantize import QuantizedLinear
 from server.engine.sequence import Sequence
 from server.engine.static_cache import StaticKVCache
@@ -66,14 +66,13 @@ class StaticRunner:
 
     # -- composition
     def add_group(self, group: PrefillGroup) -> tuple[list[list[int]], int]:
-        kv = _layers_kv(group.cache) if group.cache is not None else []
         lengths = group.valid.sum(dim=1).tolist()
         columns = []
         for r, n in enumerate(lengths):
             slot = self._free.pop(0)  # lowest free slot keeps the bucket small
             self.slots.append(slot)
-            # rows are right-aligned in the group: the last n columns are row r's prompt
-            self.cache.load_row(slot, [(k[r, :, k.shape[2] - n:], v[r, :, v.shape[2] - n:]) for k, v in kv])
+            if group.cache is not None and n:
+                self.cache.load_row(slot, row_kv(group.cache, group.valid, r))
             columns.append(list(range(n)))
         return columns, 0
 
@@ -135,6 +134,10 @@ class StaticRunner:
 
     def tidy(self, rows: list[Sequence]) -> None:
         pass  # no holes, nothing to compact
+
+    def row_kv(self, row: int, n: int) -> LayerKV:
+        slot = self.slots[row]
+        return [(k[slot, :, :n], v[slot, :, :n]) for k, v in map(self.cache.layer, range(self.cache.num_layers))]
 
     # -- compilation
     def _compile(self) -> None:

@@ -106,6 +106,7 @@ class Finished:
     completion_tokens: int  # tokens in the final answer
     discarded_tokens: int  # tokens generated and thrown away by backtracking
     steering: SteeringReport | None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
 
 
 @dataclass(frozen=True)

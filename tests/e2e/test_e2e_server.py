@@ -55,6 +55,30 @@ async def test_greedy_stream_equals_non_stream(sdk, tiny_server):
     assert usage.prompt_tokens == whole.usage.prompt_tokens > 0
 
 
+async def metric(http: httpx.AsyncClient, name: str) -> float:
+    text = (await http.get("/metrics")).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+async def test_a_next_chat_turn_reads_its_history_from_the_prefix_cache(sdk, http, tiny_server):
+    system = {"role": "system", "content": "You answer questions about the weather in one sentence."}
+    messages = [system, {"role": "user", "content": "Will it rain tomorrow?"}]
+    params = {"model": tiny_server.model, "max_tokens": 20, "temperature": 0}  # the tiny model has 256 positions
+    hits_before = await metric(http, "fasb_prefix_cache_hit_tokens_total")
+    first = await sdk.chat.completions.create(messages=messages, **params)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And the day after?"}]
+    stream = await sdk.chat.completions.create(messages=messages, **params, stream=True,
+                                               stream_options={"include_usage": True})
+    usage = [chunk.usage async for chunk in stream if chunk.usage is not None][0]
+    cached = usage.prompt_tokens_details.cached_tokens
+    # the first turn's prompt at least, in whole blocks of 16 (the random model's answer may not
+    # tokenise back to the tokens it generated, so its share is not asserted here)
+    assert first.usage.prompt_tokens - 16 < cached < usage.prompt_tokens
+    assert await metric(http, "fasb_prefix_cache_hit_tokens_total") - hits_before >= cached
+    assert await metric(http, "fasb_prefix_cache_blocks") > 0
+
+
 async def test_completions_stream_equals_non_stream(http, tiny_server):
     body = {"model": tiny_server.model, "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
     whole = (await http.post("/v1/completions", json=body)).json()

@@ -1,0 +1,118 @@
+"""Automatic prefix caching: keys and values of prompt prefixes already computed, reused by later
+requests (the chat template, a shared system prompt, the earlier turns of a conversation).
+
+Tokens are cut into blocks of `block_tokens`; a block is keyed by its parent block and its own token
+ids, so one key names the whole prefix up to it (as vLLM's automatic prefix caching does), and a hit
+is exact: dictionary keys compare the token ids themselves. Only full blocks are kept.
+
+What a block holds is computed without steering: prefill never steers, and a finished answer offers
+only its positions before the first steered one. So token ids are the whole key for one model.
+
+Bounded: blocks live in one pool tensor sized by `--prefix-cache-mb`; when it is full, the least
+recently used block goes. Nothing is pinned: a hit is copied out at once, on the worker thread that
+is the cache's only user. A parent is always used more recently than its children (chains are
+touched tail first), so eviction takes a prefix's tail before its head.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [kv_heads, n, head_dim]
+
+
+@dataclass
+class _Block:
+    serial: int  # never reused, so a stale child can never hang under a new parent
+    slot: int  # its row of the pool
+
+
+class PrefixCache:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 budget_bytes: int, block_tokens: int = 16):
+        self.block_tokens = block_tokens
+        self.bytes_per_block = num_layers * 2 * kv_heads * block_tokens * head_dim * torch.finfo(dtype).bits // 8
+        self.capacity = budget_bytes // self.bytes_per_block
+        # torch.empty: on CPU the pages are committed as blocks are written, not up front
+        self.pool = torch.empty(self.capacity, num_layers, 2, kv_heads, block_tokens, head_dim, dtype=dtype,
+                                device=device)
+        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # least recent first
+        self._free = list(range(self.capacity))
+        self._serials = itertools.count(1)  # 0: the root, parent of every first block
+        self.evicted = 0  # blocks dropped to make room, since start
+
+    @property
+    def blocks_used(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """Pool slots of the longest cached prefix of `tokens`, in order (block_tokens tokens each)."""
+        keys, parent = [], 0
+        for start in range(0, len(tokens) - self.block_tokens + 1, self.block_tokens):
+            key = (parent, tuple(tokens[start : start + self.block_tokens]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            keys.append(key)
+            parent = block.serial
+        self._touch(keys)
+        return [self._blocks[k].slot for k in keys]
+
+    def read(self, slots: list[int]) -> LayerKV:
+        """The keys and values of blocks `slots`, concatenated: per layer ([kv_heads, n, D], same)."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+        blocks = self.pool.index_select(0, index)  # [nb, layers, 2, kvh, block, D]
+        nb, layers, _, kvh, block, dim = blocks.shape
+        flat = blocks.permute(1, 2, 3, 0, 4, 5).reshape(layers, 2, kvh, nb * block, dim)
+        return [(flat[i, 0], flat[i, 1]) for i in range(layers)]
+
+    def insert(self, tokens: list[int], kv: LayerKV) -> None:
+        """Offer `tokens` with their keys/values (kv[i]: layer i's ([kv_heads, >= len(tokens), D], same));
+        the full blocks not cached yet are copied in."""
+        keys, parent, new = [], 0, []  # new: (key, block index in tokens)
+        chain: set[int] = set()
+        for i in range(len(tokens) // self.block_tokens):
+            key = (parent, tuple(tokens[i * self.block_tokens : (i + 1) * self.block_tokens]))
+            block = self._blocks.get(key)
+            if block is None:
+                slot = self._allocate(chain)
+                if slot is None:
+                    break
+                block = self._blocks[key] = _Block(next(self._serials), slot)
+                new.append((key, i))
+            self._blocks.move_to_end(key)  # so this chain's blocks are not the ones evicted for it
+            keys.append(key)
+            chain.add(block.serial)
+            parent = block.serial
+        if new:
+            self._write([self._blocks[k].slot for k, _ in new], new[0][1], kv)
+        self._touch(keys)
+
+    def _allocate(self, chain: set[int]) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if not self._blocks:
+            return None  # a zero budget
+        key, victim = next(iter(self._blocks.items()))
+        if victim.serial in chain:  # the budget holds less than this one prefix
+            return None
+        del self._blocks[key]
+        self.evicted += 1
+        return victim.slot
+
+    def _write(self, slots: list[int], first_block: int, kv: LayerKV) -> None:
+        start, n = first_block * self.block_tokens, len(slots)
+        index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+        for layer, (k, v) in enumerate(kv):
+            for j, t in enumerate((k, v)):
+                span = t[:, start : start + n * self.block_tokens]  # [kvh, n*block, D]
+                blocks = span.reshape(t.shape[0], n, self.block_tokens, t.shape[2]).transpose(0, 1)
+                self.pool[index, layer, j] = blocks.to(self.pool.dtype)
+
+    def _touch(self, keys: list) -> None:
+        for key in reversed(keys):  # tail first: the head ends up the most recently used
+            self._blocks.move_to_end(key)
