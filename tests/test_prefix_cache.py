@@ -142,7 +142,7 @@ async def test_greedy_tokens_and_backtracks_are_the_same_with_the_cache_on(tiny_
     first, follow, other = on[0], on[1], on[2]
     assert first.finished.cached_tokens == 0
     # the continuation reuses the first turn's prompt *and* its answer (unsteered: mode off)
-    assert follow.finished.cached_tokens >= first.finished.prompt_tokens + 40 - 1 - 15
+    assert follow.finished.cached_tokens >= first.finished.prompt_tokens + 40 - 1  # the answer (its last token: if fed)
     assert 0 < other.finished.cached_tokens < first.finished.prompt_tokens  # the shared system prompt
     assert any(r.backtracks for r in on), "the script should include backtracking requests"
 
@@ -158,7 +158,6 @@ async def test_steered_positions_are_not_cached(tiny_model_dir, tmp_path):
         a = await collect(engine, first, always, max_tokens=40, ignore_eos=True)
         follow = first + a.token_ids + engine.encode_prompt(" and then?", add_special_tokens=False)
         b = await collect(engine, follow, max_tokens=4)
-        assert b.finished.cached_tokens <= len(first) - 1  # the prompt's blocks only, not the steered answer
-        assert b.finished.cached_tokens >= len(first) - 1 - 15
+        assert b.finished.cached_tokens == len(first) - 1  # the prompt only: its last token was fed steered
     finally:
         await engine.stop()

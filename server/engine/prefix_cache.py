@@ -3,7 +3,10 @@ requests (the chat template, a shared system prompt, the earlier turns of a conv
 
 Tokens are cut into blocks of `block_tokens`; a block is keyed by its parent block and its own token
 ids, so one key names the whole prefix up to it (as vLLM's automatic prefix caching does), and a hit
-is exact: dictionary keys compare the token ids themselves. Only full blocks are kept.
+is exact: dictionary keys compare the token ids themselves. Only full blocks are kept. The server
+uses blocks of one token, as SGLang's radix cache does: a prompt seen before then needs no prefill
+at all, where 16-token blocks leave up to 15 tokens to a whole prefill forward; the price is a
+dictionary entry per token (a millisecond per thousand tokens looked up or offered).
 
 What a block holds is computed without steering: prefill never steers, and a finished answer offers
 only its positions before the first steered one. So token ids are the whole key for one model.
@@ -33,7 +36,7 @@ class _Block:
 
 class PrefixCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 budget_bytes: int, block_tokens: int = 16):
+                 budget_bytes: int, block_tokens: int = 1):
         self.block_tokens = block_tokens
         self.bytes_per_block = num_layers * 2 * kv_heads * block_tokens * head_dim * torch.finfo(dtype).bits // 8
         self.capacity = budget_bytes // self.bytes_per_block

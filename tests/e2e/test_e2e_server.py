@@ -72,9 +72,9 @@ async def test_a_next_chat_turn_reads_its_history_from_the_prefix_cache(sdk, htt
                                                stream_options={"include_usage": True})
     usage = [chunk.usage async for chunk in stream if chunk.usage is not None][0]
     cached = usage.prompt_tokens_details.cached_tokens
-    # the first turn's prompt at least, in whole blocks of 16 (the random model's answer may not
-    # tokenise back to the tokens it generated, so its share is not asserted here)
-    assert first.usage.prompt_tokens - 16 < cached < usage.prompt_tokens
+    # the first turn's prompt at least (the random model's answer may not tokenise back to the
+    # tokens it generated, so its share is not asserted here)
+    assert first.usage.prompt_tokens - 1 <= cached < usage.prompt_tokens
     assert await metric(http, "fasb_prefix_cache_hit_tokens_total") - hits_before >= cached
     assert await metric(http, "fasb_prefix_cache_blocks") > 0
 
