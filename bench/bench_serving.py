@@ -5,7 +5,8 @@ Two workloads, each server in turn, rounds alternating the order so load drift h
      soon as the last one ends, 64 new tokens each (`ignore_eos`); aggregate tokens/s and time to
      first token p50 / p90 over every request of the cell;
   2. a growing chat: one client, a long system prompt, 8 turns of 96 tokens, each turn sent with the
-     whole history; time to first token per turn (what a prefix cache saves).
+     whole history; time to first token per turn (what a prefix cache saves), also on a second
+     fasb-server with `--prefix-cache-mb 0` (one slot, chat only), to show what the cache itself saves.
 
 fasb-server runs `--runner static --quantization int4` (the default model's own Q4_1 weights) with
 the monitor on; llama-server runs the default model's GGUF file. Both get the same thread count.
@@ -144,16 +145,18 @@ async def growing_chat(client: httpx.AsyncClient, server: str, tokens: int, visi
     return ttfts
 
 
-async def measure(bases: dict[str, str], args) -> tuple[list[Cell], dict[str, list[list[float]]]]:
+async def measure(bases: dict[str, str], chat_only: dict[str, str],
+                  args) -> tuple[list[Cell], dict[str, list[list[float]]]]:
     cells: list[Cell] = []
-    chats: dict[str, list[list[float]]] = {name: [] for name in bases}
+    chats: dict[str, list[list[float]]] = {name: [] for name in {**bases, **chat_only}}
     # A new connection per request for both: llama-server closes idle keep-alive connections, and a
     # request sent on one it just closed fails (a loopback connect costs well under a millisecond).
     no_keepalive = httpx.Limits(max_keepalive_connections=0)
-    clients = {name: httpx.AsyncClient(base_url=base, timeout=600, limits=no_keepalive) for name, base in bases.items()}
+    clients = {name: httpx.AsyncClient(base_url=base, timeout=600, limits=no_keepalive)
+               for name, base in {**bases, **chat_only}.items()}
     try:
         for name, client in clients.items():  # warm-up: first-request costs out of the numbers
-            await closed_loop(client, name, 2, 1.0, 8)
+            await closed_loop(client, name, 1 if name in chat_only else 2, 1.0, 8)
         order = list(bases)
         for round_index in range(args.rounds):
             for name in order if round_index % 2 == 0 else order[::-1]:
@@ -162,6 +165,8 @@ async def measure(bases: dict[str, str], args) -> tuple[list[Cell], dict[str, li
                     print(f"round {round_index + 1} {name:5s} {level:2d} clients: {cell.tokens_per_s:7.1f} tok/s, "
                           f"TTFT p50 {median(cell.ttft_s) * 1000:6.0f} ms", file=sys.stderr)
                     cells.append(cell)
+                chats[name].append(await growing_chat(clients[name], name, args.chat_tokens, round_index + 1))
+            for name in chat_only:
                 chats[name].append(await growing_chat(clients[name], name, args.chat_tokens, round_index + 1))
     finally:
         for client in clients.values():
@@ -187,9 +192,16 @@ def serving_table(cells: list[Cell], levels: list[int]) -> str:
 def chat_table(chats: dict[str, list[list[float]]]) -> str:
     turns = len(CHAT_TURNS)
     per_turn = {name: [median(run[t] for run in runs) for t in range(turns)] for name, runs in chats.items()}
-    rows = [[t + 1, f"{per_turn['fasb'][t]:.2f}", f"{per_turn['llama'][t]:.2f}",
-             f"{ratio(per_turn['fasb'][t], per_turn['llama'][t]):.2f}"] for t in range(turns)]
-    return markdown_table(["turn", "fasb TTFT s", "llama-server TTFT s", "fasb / llama"], rows)
+    baseline = per_turn.get(NO_CACHE)
+    rows = [[t + 1, f"{per_turn['fasb'][t]:.3f}", f"{per_turn['llama'][t]:.3f}",
+             f"{ratio(per_turn['fasb'][t], per_turn['llama'][t]):.2f}"]
+            + ([f"{baseline[t]:.3f}", f"{ratio(baseline[t], per_turn['fasb'][t]):.1f}"] if baseline else [])
+            for t in range(turns)]
+    extra = ["fasb without prefix cache TTFT s", "saved by the cache (x)"] if baseline else []
+    return markdown_table(["turn", "fasb TTFT s", "llama-server TTFT s", "fasb / llama"] + extra, rows)
+
+
+NO_CACHE = "fasb-nocache"
 
 
 def default_gguf() -> str:
@@ -204,17 +216,26 @@ def run(args) -> int:
                          threads=args.threads)
     llama = llama_server(args.llama_server, args.gguf or default_gguf(), args.threads, max(args.levels),
                         args.slot_context)
+    uncached = None
+    if not args.skip_no_cache:
+        uncached = ServerProcess(["--model", args.model, "--runner", "static", "--quantization", "int4",
+                                  "--max-batch-size", "1", "--prefix-cache-mb", "0"], threads=args.threads)
+    servers = [s for s in (fasb, llama, uncached) if s is not None]
+    failed = True
     try:
-        print("starting both servers (the static runner compiles its step first: minutes) ...", file=sys.stderr)
-        llama.wait_healthy(args.startup_timeout)
-        fasb.wait_healthy(args.startup_timeout)
-        cells, chats = asyncio.run(measure({"fasb": fasb.base, "llama": llama.base}, args))
+        print("starting the servers (the static runner compiles its step first: minutes) ...", file=sys.stderr)
+        for server in servers:
+            server.wait_healthy(args.startup_timeout)
+        chat_only = {NO_CACHE: uncached.base} if uncached else {}
+        cells, chats = asyncio.run(measure({"fasb": fasb.base, "llama": llama.base}, chat_only, args))
+        failed = False
     except Exception:
-        print(f"fasb-server log:\n{fasb.log_tail()}\nllama-server log:\n{llama.log_tail()}", file=sys.stderr)
+        for server in servers:
+            print(f"{server.name} log:\n{server.log_tail()}", file=sys.stderr)
         raise
     finally:
-        fasb.stop()
-        llama.stop()
+        for server in servers:
+            server.stop(keep_log=failed)
     print(f"\nfasb-server --runner static --quantization int4 (monitor on) vs llama-server on "
           f"{args.gguf or 'the default model GGUF'} | {args.threads} threads each | greedy, {args.tokens} tokens "
           f"(ignore_eos), streamed | {args.rounds} rounds of {args.seconds:.0f} s per cell, order alternating; "
@@ -242,6 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of each server")
     p.add_argument("--slot-context", type=int, default=2048, help="llama-server context per parallel slot")
     p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("--skip-no-cache", action="store_true", help="no growing chat on a server without the prefix cache")
     p.add_argument("--json-out", help="also write every cell as JSON here")
     return p.parse_args(argv)
 

@@ -74,7 +74,8 @@ class BackgroundServer:
         self.log.flush()
         return "".join(Path(self.log.name).read_text(errors="replace").splitlines(True)[-lines:])
 
-    def stop(self) -> None:
+    def stop(self, keep_log: bool = False) -> None:
+        """Stop the process; its log is deleted unless `keep_log` (then its path is printed)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -83,7 +84,10 @@ class BackgroundServer:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        os.unlink(self.log.name)
+        if keep_log:
+            print(f"{self.name} log kept: {self.log.name}", file=sys.stderr)
+        else:
+            os.unlink(self.log.name)
 
 
 class ServerProcess(BackgroundServer):

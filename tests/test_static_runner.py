@@ -3,6 +3,7 @@ its step against transformers' forward on Llama-family variants (GQA, q/k/v bias
 steering and capture against the hf runner's hooks, and the compiled step end to end."""
 
 import asyncio
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -246,6 +247,30 @@ def test_compiled_step_checks_fewer_guards_after_warm_up_and_still_compiles_what
     runner.remove_rows([1])  # row b alone, in slot 1: bucket 2, its row gathered from the step's
     eager.remove_rows([1])
     assert_close(decode(runner, [11], [2]), decode(eager, [11], [2]))
+
+
+@torch.inference_mode()
+def test_a_step_dynamo_ran_uncompiled_is_run_again_and_no_collection_runs_inside(tiny, caplog):
+    # Under load, a garbage-collection callback inside the step once left its frame uncompiled and
+    # torch raised "found no compiled frames" after running it: the runner runs it again.
+    runner = StaticRunner(tiny, None, max_rows=2, max_len=64, compile=True)
+    join(tiny, runner, [[5, 9, 12]])
+    runner.set_rows(None, False)
+    compiled, calls = runner._step, []
+
+    def flaky(*inputs):
+        calls.append(gc.isenabled())
+        if len(calls) == 1:
+            raise RuntimeError("torch.compile with fullgraph=True found no compiled frames. Compilation was not "
+                               "attempted and no cached compiled code was found.")
+        return compiled(*inputs)
+
+    runner._step = flaky
+    with caplog.at_level("WARNING", logger="server.engine.static_runner"):
+        logits, _ = runner.decode([12], [2])
+    assert "ran uncompiled once" in caplog.text and len(calls) == 2
+    assert calls[0] is False and gc.isenabled()  # collection paused inside the step, back on after it
+    assert_close(logits[0], fresh_logits(tiny, [5, 9, 12]))
 
 
 def test_cpu_compile_autotunes_matmuls_only_for_quantized_weights(tiny_model_dir):

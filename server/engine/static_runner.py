@@ -12,6 +12,7 @@ moved back (server/engine/sequence.py), and the next step overwrites the stale c
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -119,15 +120,29 @@ class StaticRunner:
     def _call_step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._skip_guards:
             return self._step(*inputs)
+        # No cyclic garbage collection inside the step: a weakref callback it runs is a Python frame
+        # that dynamo intercepts, and under skip_guard_eval_unsafe that can leave the step's own
+        # frame uncompiled ("found no compiled frames", seen under load with the prefix cache's
+        # many small objects). Collection resumes right after the step.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return self._step(*inputs)
-        except RuntimeError as exc:  # raised before the graph runs: nothing was written yet
-            if "Recompilation triggered" not in str(exc):
+        except RuntimeError as exc:
+            # Either dynamo refused before the graph ran, or the step ran uncompiled; a step only
+            # writes each row's key/value at its own position, so running it again is safe.
+            if "Recompilation triggered" in str(exc):
+                log.warning("the decode step met inputs its warm-up did not compile for; compiling them now")
+            elif "found no compiled frames" in str(exc):
+                log.warning("the decode step ran uncompiled once; running it again with every guard")
+            else:
                 raise
-            log.warning("the decode step met inputs its warm-up did not compile for; compiling them now")
             with torch._inductor.config.patch(self._inductor_options):
                 return self._step(*inputs)
+        finally:
+            if collecting:
+                gc.enable()
 
     def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
         pass  # the row's length is its next position; the next step overwrites what was dropped
