@@ -161,3 +161,19 @@ async def test_steered_positions_are_not_cached(tiny_model_dir, tmp_path):
         assert b.finished.cached_tokens == len(first) - 1  # the prompt only: its last token was fed steered
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("interleaved", [1, 2, 6])  # one run of pool blocks (views), a few (copies), many (gather)
+def test_a_prefix_spread_over_the_pool_reads_back_in_order(interleaved):
+    cache = store(64)
+    prefix = []
+    for i in range(interleaved):
+        prefix += [100 + 4 * i + j for j in range(4)]
+        cache.insert(prefix, kv_for(prefix))  # one more block of the prefix...
+        other = [900 + 4 * i + j for j in range(4)]
+        cache.insert(other, kv_for(other))  # ...then an unrelated one between it and the next
+    hit = cache.lookup(prefix)
+    assert len(hit) == interleaved
+    for (k, v), (k_ref, v_ref) in zip(cache.read(hit), kv_for(prefix)):
+        torch.testing.assert_close(k, k_ref)
+        torch.testing.assert_close(v, v_ref)

@@ -52,10 +52,10 @@ class Batch:
 
     def add_group(self, group: PrefillGroup) -> None:
         """Join prefilled newcomers; they decode from the next step on."""
+        columns, shift = self.runner.add_group(group)  # first: the group may hold views of the prefix cache
         if self.prefix_cache is not None and group.cache is not None:
             for r, seq in enumerate(group.seqs):  # now, so requests arriving while these run share it
                 self.prefix_cache.insert(seq.prompt[:-1], row_kv(group.cache, group.valid, r))
-        columns, shift = self.runner.add_group(group)
         if shift:
             for row in self.rows:
                 row.cols = [c + shift for c in row.cols]

@@ -48,6 +48,10 @@ class PrefillGroup:
             t.to(device) for t in (self.input_ids, self.valid, self.positions)
         )
         self.cache: DynamicCache | None = None
+        # The cached prefix may be views of the prefix cache's pool (PrefixCache.read). They are
+        # consumed in the scheduler iteration that made this group, before anything is inserted:
+        # by the first chunk (the cache's update concatenates them into new tensors), or, with
+        # nothing left to prefill, by joining the batch (the runner copies them into its cache).
         if self.cached_width:
             self.cache = _cache_from(_cached_columns([prefix.read(b) if b else None for b in hits], self.cached_width))
         self.done = self.cached_width  # columns prefilled (or read from the prefix cache) so far
@@ -83,14 +87,21 @@ class PrefillGroup:
 
 
 def row_kv(cache: DynamicCache, valid: torch.Tensor, row: int) -> LayerKV:
-    """Row `row`'s keys/values at its valid columns, in position order: per layer ([kv_heads, n, D], same)."""
+    """Row `row`'s keys/values at its valid columns, in position order: per layer ([kv_heads, n, D], same).
+    Views when those columns are one run (no padding hole inside), copies otherwise."""
     columns = valid[row].nonzero().squeeze(1)
+    if len(columns) and int(columns[-1]) - int(columns[0]) + 1 == len(columns):
+        first, n = int(columns[0]), len(columns)
+        return [(layer.keys[row, :, first : first + n], layer.values[row, :, first : first + n])
+                for layer in cache.layers]
     return [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
             for layer in cache.layers]
 
 
 def _cached_columns(rows: list[LayerKV | None], width: int) -> LayerKV:
     """Per layer, [n, kv_heads, width, D] holding each row's cached prefix right-aligned (zeros before it)."""
+    if len(rows) == 1:  # one row fills the width: its prefix as it is, no copy
+        return [(k[None], v[None]) for k, v in rows[0]]
     ref = next(r for r in rows if r is not None)
     out = []
     for layer, (k0, _) in enumerate(ref):

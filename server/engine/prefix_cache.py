@@ -40,11 +40,13 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.bytes_per_block = num_layers * 2 * kv_heads * block_tokens * head_dim * torch.finfo(dtype).bits // 8
         self.capacity = budget_bytes // self.bytes_per_block
-        # torch.empty: on CPU the pages are committed as blocks are written, not up front
-        self.pool = torch.empty(self.capacity, num_layers, 2, kv_heads, block_tokens, head_dim, dtype=dtype,
+        # [layers, keys|values, kv_heads, positions, D]: block s holds positions s*B..(s+1)*B-1, so
+        # reading a prefix is one index_select along the positions of every layer at once. torch.empty:
+        # on CPU the pages are committed as blocks are written, not up front.
+        self.pool = torch.empty(num_layers, 2, kv_heads, self.capacity * block_tokens, head_dim, dtype=dtype,
                                 device=device)
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # least recent first
-        self._free = list(range(self.capacity))
+        self._free = list(range(self.capacity))[::-1]  # pop() gives 0, 1, 2...: a prefix lands in one run
         self._serials = itertools.count(1)  # 0: the root, parent of every first block
         self.evicted = 0  # blocks dropped to make room, since start
 
@@ -66,12 +68,29 @@ class PrefixCache:
         return [self._blocks[k].slot for k in keys]
 
     def read(self, slots: list[int]) -> LayerKV:
-        """The keys and values of blocks `slots`, concatenated: per layer ([kv_heads, n, D], same)."""
+        """The keys and values of blocks `slots`, concatenated: per layer ([kv_heads, n, D], same).
+
+        When the blocks are consecutive in the pool (a prefix inserted at once is), these are *views*
+        of the pool, not copies: copying tens of megabytes into fresh memory costs more in page faults
+        than the copy itself. The caller must copy them out before the next `insert`, which may
+        reuse their blocks (see PrefillGroup)."""
+        b = self.block_tokens
+        runs = _runs(slots)
+        if len(runs) == 1:
+            first, n = runs[0]
+            flat = self.pool[:, :, :, first * b : (first + n) * b]
+        elif len(runs) <= 4:  # plain copies of a few position ranges
+            flat = torch.cat([self.pool[:, :, :, first * b : (first + n) * b] for first, n in runs], dim=3)
+        else:
+            flat = self.pool.index_select(3, self._positions(slots))  # [layers, 2, kvh, n, D]
+        return [(flat[i, 0], flat[i, 1]) for i in range(flat.shape[0])]
+
+    def _positions(self, slots: list[int]) -> torch.Tensor:
         index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
-        blocks = self.pool.index_select(0, index)  # [nb, layers, 2, kvh, block, D]
-        nb, layers, _, kvh, block, dim = blocks.shape
-        flat = blocks.permute(1, 2, 3, 0, 4, 5).reshape(layers, 2, kvh, nb * block, dim)
-        return [(flat[i, 0], flat[i, 1]) for i in range(layers)]
+        if self.block_tokens == 1:
+            return index
+        offsets = torch.arange(self.block_tokens, device=index.device)
+        return (index[:, None] * self.block_tokens + offsets).flatten()
 
     def insert(self, tokens: list[int], kv: LayerKV) -> None:
         """Offer `tokens` with their keys/values (kv[i]: layer i's ([kv_heads, >= len(tokens), D], same));
@@ -108,14 +127,24 @@ class PrefixCache:
         return victim.slot
 
     def _write(self, slots: list[int], first_block: int, kv: LayerKV) -> None:
-        start, n = first_block * self.block_tokens, len(slots)
-        index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+        start = first_block * self.block_tokens
+        end = start + len(slots) * self.block_tokens
+        index = self._positions(slots)
         for layer, (k, v) in enumerate(kv):
             for j, t in enumerate((k, v)):
-                span = t[:, start : start + n * self.block_tokens]  # [kvh, n*block, D]
-                blocks = span.reshape(t.shape[0], n, self.block_tokens, t.shape[2]).transpose(0, 1)
-                self.pool[index, layer, j] = blocks.to(self.pool.dtype)
+                self.pool[layer, j].index_copy_(1, index, t[:, start:end].to(self.pool.dtype))
 
     def _touch(self, keys: list) -> None:
         for key in reversed(keys):  # tail first: the head ends up the most recently used
             self._blocks.move_to_end(key)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """[(first, length)] of the runs of consecutive numbers in `slots`."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
