@@ -163,9 +163,9 @@ async def test_steered_positions_are_not_cached(tiny_model_dir, tmp_path):
         await engine.stop()
 
 
-@pytest.mark.parametrize("interleaved", [1, 2, 6])  # one run of pool blocks (views), a few (copies), many (gather)
+@pytest.mark.parametrize("interleaved", [1, 2, 70])  # one run of pool blocks (views), a few (copies), many (gather)
 def test_a_prefix_spread_over_the_pool_reads_back_in_order(interleaved):
-    cache = store(64)
+    cache = store(160)
     prefix = []
     for i in range(interleaved):
         prefix += [100 + 4 * i + j for j in range(4)]
@@ -177,3 +177,40 @@ def test_a_prefix_spread_over_the_pool_reads_back_in_order(interleaved):
     for (k, v), (k_ref, v_ref) in zip(cache.read(hit), kv_for(prefix)):
         torch.testing.assert_close(k, k_ref)
         torch.testing.assert_close(v, v_ref)
+    shorter = cache.read(hit[:-1])  # a second read reuses the staging buffer
+    torch.testing.assert_close(shorter[0][0], kv_for(prefix)[0][0][:, : 4 * (interleaved - 1)])
+
+
+@torch.inference_mode()
+def test_a_group_of_rows_each_in_pieces_of_the_pool_prefills_like_no_cache(tiny_model_dir):
+    # Two newcomers whose cached prefixes each lie in two runs of the pool (read through the
+    # staging buffer one after the other) get the keys/values a prefill without the cache computes.
+    from types import SimpleNamespace
+
+    from server.engine.prefill import PrefillGroup, row_kv
+
+    model = load_model(str(tiny_model_dir)).model
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = PrefixCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, model.dtype, model.device,
+                        2**20)
+
+    def prefilled(prompts, prefix=None):
+        group = PrefillGroup([SimpleNamespace(prompt=p) for p in prompts], model.device, 0, prefix)
+        while not group.finished:
+            group.run_chunk(model, 512)
+        return group
+
+    p1, p2 = list(range(10, 40)), list(range(50, 75))
+    reference = prefilled([p1 + [7], p2 + [8]])
+    kv1, kv2 = row_kv(reference.cache, reference.valid, 0), row_kv(reference.cache, reference.valid, 1)
+    cache.insert(p1[:12], kv1)
+    cache.insert(p2[:9], kv2)
+    cache.insert(p1[:20], kv1)  # p1's blocks 12..19 land after p2's: two runs each
+    cache.insert(p2[:18], kv2)
+    group = prefilled([p1 + [7], p2 + [8]], cache)
+    assert [s.cached_tokens for s in group.seqs] == [20, 18]
+    for r, expected in enumerate((kv1, kv2)):
+        for (k, v), (k_ref, v_ref) in zip(row_kv(group.cache, group.valid, r), expected):
+            torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)

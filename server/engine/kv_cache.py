@@ -20,9 +20,14 @@ def _layers_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding these tensors themselves. `update` would concatenate them onto an empty
+    tensor, a copy of the whole cache; so each layer is initialised with an empty update (dtype,
+    device) and then given the tensors."""
     cache = DynamicCache()
     for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
+        cache.update(k[..., :0, :], v[..., :0, :], i)
+        layer = cache.layers[i]
+        layer.keys, layer.values = k, v
     return cache
 
 

@@ -53,7 +53,7 @@ class PrefillGroup:
         # by the first chunk (the cache's update concatenates them into new tensors), or, with
         # nothing left to prefill, by joining the batch (the runner copies them into its cache).
         if self.cached_width:
-            self.cache = _cache_from(_cached_columns([prefix.read(b) if b else None for b in hits], self.cached_width))
+            self.cache = _cache_from(_cached_columns(prefix, hits, self.cached_width))
         self.done = self.cached_width  # columns prefilled (or read from the prefix cache) so far
 
     @property
@@ -98,19 +98,20 @@ def row_kv(cache: DynamicCache, valid: torch.Tensor, row: int) -> LayerKV:
             for layer in cache.layers]
 
 
-def _cached_columns(rows: list[LayerKV | None], width: int) -> LayerKV:
+def _cached_columns(prefix: PrefixCache, hits: list[list[int]], width: int) -> LayerKV:
     """Per layer, [n, kv_heads, width, D] holding each row's cached prefix right-aligned (zeros before it)."""
-    if len(rows) == 1:  # one row fills the width: its prefix as it is, no copy
-        return [(k[None], v[None]) for k, v in rows[0]]
-    ref = next(r for r in rows if r is not None)
-    out = []
-    for layer, (k0, _) in enumerate(ref):
-        keys = k0.new_zeros(len(rows), k0.shape[0], width, k0.shape[2])
-        values = torch.zeros_like(keys)
-        for r, kv in enumerate(rows):
-            if kv is not None:
-                k, v = kv[layer]
-                keys[r, :, width - k.shape[1] :] = k
-                values[r, :, width - v.shape[1] :] = v
-        out.append((keys, values))
+    if len(hits) == 1:  # one row fills the width: its prefix as read (views), no copy
+        return [(k[None], v[None]) for k, v in prefix.read(hits[0])]
+    out: LayerKV = []
+    for r, blocks in enumerate(hits):
+        if not blocks:
+            continue
+        kv = prefix.read(blocks)  # views, valid until the next read: copied right away
+        if not out:
+            k0 = kv[0][0]
+            out = [(k0.new_zeros(len(hits), k0.shape[0], width, k0.shape[2]),
+                    k0.new_zeros(len(hits), k0.shape[0], width, k0.shape[2])) for _ in kv]
+        for (keys, values), (k, v) in zip(out, kv):
+            keys[r, :, width - k.shape[1] :] = k
+            values[r, :, width - v.shape[1] :] = v
     return out

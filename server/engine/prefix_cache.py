@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [kv_heads, n, head_dim]
+_MAX_RUN_COPIES = 64  # a prefix in more pieces than this is gathered with one index_select
 
 
 @dataclass
@@ -49,6 +50,7 @@ class PrefixCache:
         self._free = list(range(self.capacity))[::-1]  # pop() gives 0, 1, 2...: a prefix lands in one run
         self._serials = itertools.count(1)  # 0: the root, parent of every first block
         self.evicted = 0  # blocks dropped to make room, since start
+        self._stage: torch.Tensor | None = None
 
     @property
     def blocks_used(self) -> int:
@@ -70,20 +72,33 @@ class PrefixCache:
     def read(self, slots: list[int]) -> LayerKV:
         """The keys and values of blocks `slots`, concatenated: per layer ([kv_heads, n, D], same).
 
-        When the blocks are consecutive in the pool (a prefix inserted at once is), these are *views*
-        of the pool, not copies: copying tens of megabytes into fresh memory costs more in page faults
-        than the copy itself. The caller must copy them out before the next `insert`, which may
-        reuse their blocks (see PrefillGroup)."""
+        These are *views*, of the pool when the blocks are consecutive in it (a prefix inserted at
+        once is), else of a staging buffer kept between reads: copying tens of megabytes into fresh
+        memory costs more in page faults than the copy itself. The caller must copy them out before
+        the next `insert` or `read` (see PrefillGroup)."""
         b = self.block_tokens
         runs = _runs(slots)
         if len(runs) == 1:
             first, n = runs[0]
             flat = self.pool[:, :, :, first * b : (first + n) * b]
-        elif len(runs) <= 4:  # plain copies of a few position ranges
-            flat = torch.cat([self.pool[:, :, :, first * b : (first + n) * b] for first, n in runs], dim=3)
-        else:
-            flat = self.pool.index_select(3, self._positions(slots))  # [layers, 2, kvh, n, D]
+        else:  # copied into a reused staging buffer: memory already paged in
+            flat = self._staging(len(slots) * b)
+            if len(runs) <= _MAX_RUN_COPIES:
+                at = 0
+                for first, n in runs:
+                    flat[:, :, :, at : at + n * b].copy_(self.pool[:, :, :, first * b : (first + n) * b])
+                    at += n * b
+            else:
+                flat.copy_(self.pool.index_select(3, self._positions(slots)))
         return [(flat[i, 0], flat[i, 1]) for i in range(flat.shape[0])]
+
+    def _staging(self, n: int) -> torch.Tensor:
+        """[layers, 2, kvh, n, D] of a buffer kept between reads (it grows to the longest prefix read
+        from more than one run of blocks; views of it, like views of the pool, live until the next read)."""
+        if self._stage is None or self._stage.shape[3] < n:
+            layers, two, kvh, _, dim = self.pool.shape
+            self._stage = self.pool.new_empty(layers, two, kvh, n, dim)
+        return self._stage[:, :, :, :n]
 
     def _positions(self, slots: list[int]) -> torch.Tensor:
         index = torch.tensor(slots, dtype=torch.long, device=self.pool.device)
