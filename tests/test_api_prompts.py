@@ -65,7 +65,8 @@ async def test_choices_are_prompt_major(client, engine, prompt, lengths):
     expected = [f"<{length}:{seed}>" for length in lengths for seed in (0, 1)]
     assert [c["text"] for c in body["choices"]] == expected
     assert body["usage"] == {
-        "prompt_tokens": sum(lengths), "completion_tokens": 4, "total_tokens": sum(lengths) + 4, "discarded_tokens": 0
+        "prompt_tokens": sum(lengths), "completion_tokens": 4, "total_tokens": sum(lengths) + 4, "discarded_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
