@@ -212,7 +212,8 @@ def default_gguf() -> str:
 
 def run(args) -> int:
     fasb = ServerProcess(["--model", args.model, "--runner", "static", "--quantization", "int4",
-                          "--max-batch-size", str(max(args.levels)), "--max-queue", str(4 * max(args.levels))],
+                          "--max-batch-size", str(max(args.levels)), "--max-queue", str(4 * max(args.levels)),
+                          "--prefix-cache-mb", str(args.prefix_cache_mb)],
                          threads=args.threads)
     llama = llama_server(args.llama_server, args.gguf or default_gguf(), args.threads, max(args.levels),
                         args.slot_context)
@@ -263,6 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of each server")
     p.add_argument("--slot-context", type=int, default=2048, help="llama-server context per parallel slot")
     p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("--prefix-cache-mb", type=int, default=256, help="fasb-server's prefix cache")
     p.add_argument("--skip-no-cache", action="store_true", help="no growing chat on a server without the prefix cache")
     p.add_argument("--json-out", help="also write every cell as JSON here")
     return p.parse_args(argv)

@@ -77,8 +77,9 @@ class Metrics:
     def set_prefix_cache(self, blocks: int, capacity: int, evicted_total: int) -> None:
         self.prefix_cache_blocks.set(blocks)
         self.prefix_cache_capacity.set(capacity)
-        self.prefix_cache_evicted.inc(evicted_total - self._evicted_seen)
-        self._evicted_seen = evicted_total
+        if evicted_total > self._evicted_seen:  # called from the engine's worker thread only
+            self.prefix_cache_evicted.inc(evicted_total - self._evicted_seen)
+            self._evicted_seen = evicted_total
 
     # -- HTTP side
     def observe_request(self, endpoint: str, status: int, latency_s: float) -> None:

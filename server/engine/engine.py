@@ -173,7 +173,7 @@ class Engine:
             ", ".join(self._banks) or "none",
         )
         return Scheduler(
-            batch, self._queue, s.max_batch_size, pad_id, s.prefill_chunk_tokens, on_step=self._report_queue,
+            batch, self._queue, s.max_batch_size, pad_id, s.prefill_chunk_tokens, on_step=self._report_step,
             on_retired=self._observe_retired,
         )
 
@@ -433,6 +433,10 @@ class Engine:
     def _report_queue(self) -> None:
         stats = self._queue.stats()
         self.metrics.set_queue(stats["waiting"], stats["running"])
+
+    def _report_step(self) -> None:
+        """After each worker iteration (on the worker thread, the prefix cache's only user)."""
+        self._report_queue()
         prefix = self._scheduler.batch.prefix_cache if self._scheduler is not None else None
         if prefix is not None:
             self.metrics.set_prefix_cache(prefix.blocks_used, prefix.capacity, prefix.evicted)

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.harness import running_server
+
 pytestmark = pytest.mark.asyncio
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -60,10 +62,24 @@ async def metric(http: httpx.AsyncClient, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
-async def test_a_next_chat_turn_reads_its_history_from_the_prefix_cache(sdk, http, tiny_server):
+@pytest.fixture(scope="module")
+def cached_server(tiny_model_dir, tmp_path_factory):
+    """The tiny model's server with the prefix cache on (it is off by default)."""
+    args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--prefix-cache-mb", "16"]
+    with running_server(args, tmp_path_factory.mktemp("server-logs") / "cached.log") as server:
+        yield server
+
+
+async def test_a_next_chat_turn_reads_its_history_from_the_prefix_cache(cached_server):
+    async with (openai.AsyncOpenAI(base_url=f"{cached_server.base_url}/v1", api_key="unused", max_retries=0) as sdk,
+                httpx.AsyncClient(base_url=cached_server.base_url, timeout=60) as http):
+        await check_the_next_turn_reuses_the_first(sdk, http, cached_server.model)
+
+
+async def check_the_next_turn_reuses_the_first(sdk, http, model):
     system = {"role": "system", "content": "You answer questions about the weather in one sentence."}
     messages = [system, {"role": "user", "content": "Will it rain tomorrow?"}]
-    params = {"model": tiny_server.model, "max_tokens": 20, "temperature": 0}  # the tiny model has 256 positions
+    params = {"model": model, "max_tokens": 20, "temperature": 0}  # the tiny model has 256 positions
     hits_before = await metric(http, "fasb_prefix_cache_hit_tokens_total")
     first = await sdk.chat.completions.create(messages=messages, **params)
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
