@@ -66,10 +66,14 @@ class Batch:
         self._dirty = True
 
     def remove_finished(self) -> list[Sequence]:
-        done = [r for r in self.rows if r.phase is Phase.DONE or r.cancelled]
+        # Decided once per row: `cancelled` is set by the event loop's thread at any moment, and a
+        # row read as running here but as cancelled a moment later would leave the batch unreturned
+        # (never retired: its place in the queue would stay taken).
+        gone = [r.phase is Phase.DONE or r.cancelled for r in self.rows]
+        done = [r for r, g in zip(self.rows, gone) if g]
         if done:
             self._offer_answers()
-            keep = [i for i, r in enumerate(self.rows) if not (r.phase is Phase.DONE or r.cancelled)]
+            keep = [i for i, g in enumerate(gone) if not g]
             self.runner.remove_rows(keep)
             self.rows = [self.rows[i] for i in keep]
             self._dirty = True
