@@ -73,9 +73,8 @@ class Settings(BaseSettings):
     )
 
     prefix_cache_mb: int = Field(
-        0, ge=0, description="memory for automatic prefix caching (keys/values of prompt prefixes and finished "
-        "answers, reused by later requests that start with them; least recently used dropped first); 0: off. "
-        "Off by default while one load test's failure with it on is open (docs/architecture.md)"
+        256, ge=0, description="memory for automatic prefix caching (keys/values of prompt prefixes and finished "
+        "answers, reused by later requests that start with them; least recently used dropped first); 0 turns it off"
     )
 
     # admission, budgets, lifecycle (docs/operations.md)

@@ -64,7 +64,7 @@ async def metric(http: httpx.AsyncClient, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def cached_server(tiny_model_dir, tmp_path_factory):
-    """The tiny model's server with the prefix cache on (it is off by default)."""
+    """The tiny model's server with a prefix cache of its own."""
     args = ["--model", str(tiny_model_dir), "--no-default-artifacts", "--prefix-cache-mb", "16"]
     with running_server(args, tmp_path_factory.mktemp("server-logs") / "cached.log") as server:
         yield server
