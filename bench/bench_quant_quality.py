@@ -8,7 +8,7 @@ top token. Then each variant decodes greedily by itself, and the table says how 
 equal fp32's (summed over prompts). Variants: bf16 weights (a reference point), `--quantization
 int8` and `int4` (server/engine/quantize.py; int4 on our int4 x int8 kernel where the CPU has it,
 server/engine/cpu_kernels.py), int4 with `o_proj` in int4 too (what the static runner's step runs
-under int4: server/engine/static_decode.py), int4 on torch's kernel (bf16 activations), and int4
+under int4: server/engine/runners/static/decode.py), int4 on torch's kernel (bf16 activations), and int4
 with an int4 LM head (why the head stays int8).
 
     .venv/bin/python bench/bench_quant_quality.py                  # default model, ~3 min on 1 core

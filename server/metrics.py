@@ -53,6 +53,7 @@ class Metrics:
             registry=reg,
         )
         self._evicted_seen = 0
+        self.kv_cache_bytes = Gauge("fasb_kv_cache_bytes", "Bytes the runner's KV cache holds", registry=reg)
         self.queue_waiting = Gauge("fasb_queue_waiting", "Requests waiting for a batch slot", registry=reg)
         self.queue_running = Gauge("fasb_queue_running", "Requests being decoded", registry=reg)
 
@@ -82,6 +83,9 @@ class Metrics:
             self._evicted_seen = evicted_total
 
     # -- HTTP side
+    def set_kv_cache(self, nbytes: int) -> None:
+        self.kv_cache_bytes.set(nbytes)
+
     def observe_request(self, endpoint: str, status: int, latency_s: float) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.request_latency.observe(latency_s)

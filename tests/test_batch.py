@@ -21,15 +21,11 @@ class FlakyCancel(SimpleNamespace):
 
 class Runner:
     def __init__(self):
-        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=8), device=torch.device("cpu"))
-        self.taps = None
+        self.vocab_size, self.device, self.captures = 8, torch.device("cpu"), False
         self.kept: list[int] | None = None
 
     def remove_rows(self, keep: list[int]) -> None:
         self.kept = keep
-
-    def tidy(self, rows) -> None:
-        pass
 
 
 def test_a_row_cancelled_while_the_batch_removes_finished_rows_is_returned_or_kept():

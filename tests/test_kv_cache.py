@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.engine.decode import decode_step
-from server.engine.kv_cache import BatchKVCache
 from server.engine.loader import load_model
-from server.engine.prefill import PrefillGroup
+from server.engine.runners.hf.decode import decode_step
+from server.engine.runners.hf.kv_cache import BatchKVCache
+from server.engine.runners.prefill import PrefillGroup
 
 PAD = 0
 
@@ -27,7 +27,7 @@ def join(model, cache, prompts, chunk_tokens=512):
     """Prefill prompts[:-1] as one group and add it; returns (new rows' columns, shift)."""
     group = PrefillGroup([SimpleNamespace(prompt=p) for p in prompts], model.device, PAD)
     while not group.finished:
-        group.run_chunk(model, chunk_tokens)
+        group.run_chunk(model, None, chunk_tokens)
     return cache.add_rows(group.cache, group.valid)
 
 

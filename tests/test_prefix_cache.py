@@ -187,7 +187,7 @@ def test_a_group_of_rows_each_in_pieces_of_the_pool_prefills_like_no_cache(tiny_
     # staging buffer one after the other) get the keys/values a prefill without the cache computes.
     from types import SimpleNamespace
 
-    from server.engine.prefill import PrefillGroup, row_kv
+    from server.engine.runners.prefill import PrefillGroup
 
     model = load_model(str(tiny_model_dir)).model
     config = model.config
@@ -198,12 +198,12 @@ def test_a_group_of_rows_each_in_pieces_of_the_pool_prefills_like_no_cache(tiny_
     def prefilled(prompts, prefix=None):
         group = PrefillGroup([SimpleNamespace(prompt=p) for p in prompts], model.device, 0, prefix)
         while not group.finished:
-            group.run_chunk(model, 512)
+            group.run_chunk(model, None, 512)
         return group
 
     p1, p2 = list(range(10, 40)), list(range(50, 75))
     reference = prefilled([p1 + [7], p2 + [8]])
-    kv1, kv2 = row_kv(reference.cache, reference.valid, 0), row_kv(reference.cache, reference.valid, 1)
+    kv1, kv2 = reference.row_kv(0), reference.row_kv(1)
     cache.insert(p1[:12], kv1)
     cache.insert(p2[:9], kv2)
     cache.insert(p1[:20], kv1)  # p1's blocks 12..19 land after p2's: two runs each
@@ -211,6 +211,6 @@ def test_a_group_of_rows_each_in_pieces_of_the_pool_prefills_like_no_cache(tiny_
     group = prefilled([p1 + [7], p2 + [8]], cache)
     assert [s.cached_tokens for s in group.seqs] == [20, 18]
     for r, expected in enumerate((kv1, kv2)):
-        for (k, v), (k_ref, v_ref) in zip(row_kv(group.cache, group.valid, r), expected):
+        for (k, v), (k_ref, v_ref) in zip(group.row_kv(r), expected):
             torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)

@@ -54,7 +54,7 @@ def test_int4_gives_back_q4_1_weights_exactly():
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("rows", [1, 200])  # the packed kernel, and the dequantized GEMM
 def test_concatenated_layer_gives_the_parts_outputs_side_by_side(cls, rows):
-    """q|k|v and gate|up fused for the static step (server/engine/static_decode.py): the same codes and
+    """q|k|v and gate|up fused for the static step (server/engine/runners/static/decode.py): the same codes and
     scales, so the same weights; a part without a bias gets zeros beside one that has one (Qwen2)."""
     torch.manual_seed(0)
     parts = [cls(nn.Linear(128, n, bias=bias)) for n, bias in ((64, True), (32, False), (32, True))]
@@ -142,7 +142,7 @@ def _q4_1_model_dir(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 async def test_both_runners_decode_the_quantized_model_alike(tiny_model_dir, tmp_path, method):
     """int8: both runners run the same layers. int4: the static step also reads o_proj as int4
-    (server/engine/static_decode.py), the hf runner in fp32: on Q4_1 weights (the default model's) the
+    (server/engine/runners/static/decode.py), the hf runner in fp32: on Q4_1 weights (the default model's) the
     same weights, only o_proj's activations coded in ~15 bits instead of fp32's 24. The same tokens —
     except that always-on steering (alpha 4 at every token of a random model) can amplify that coding
     error into a near-tie flip after a few tokens on some CPUs (seen on a Zen 4 EPYC): that row must

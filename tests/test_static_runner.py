@@ -1,6 +1,7 @@
-"""The static runner: its slot cache (write at a row's length, backtrack = move the length back),
-its step against transformers' forward on Llama-family variants (GQA, q/k/v biases), inline
-steering and capture against the hf runner's hooks, and the compiled step end to end."""
+"""The static runner beyond the runner contract (tests/test_runner_contract.py): its slot cache
+(written at a row's length, slots reused), its step against transformers' forward on Llama-family
+variants (GQA, q/k/v biases), inline steering and capture against the hf runner's hooks, and the
+compiled step end to end."""
 
 import asyncio
 import gc
@@ -14,11 +15,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loader import load_model
-from server.engine.prefill import PrefillGroup
 from server.engine.quantize import Int4Linear, quantize_weights
-from server.engine.runner import HFRunner
-from server.engine.static_decode import FusedProjections
-from server.engine.static_runner import StaticRunner, _cpu_inductor_options, batch_buckets
+from server.engine.runners.hf import HFRunner
+from server.engine.runners.prefill import PrefillGroup
+from server.engine.runners.static import StaticRunner
+from server.engine.runners.static.decode import FusedProjections
+from server.engine.runners.static.runner import _cpu_inductor_options, batch_buckets
 from server.engine.types import SteeringParams
 from server.steering.layers import attention_output_projections
 from server.steering.taps import HeadTaps
@@ -39,13 +41,11 @@ def fresh_logits(model, ids):
 
 
 def join(model, runner, prompts):
-    """Prefill prompts[:-1] as one group and hand it to the runner; returns the new rows' columns."""
+    """Prefill prompts[:-1] as one group and hand it to the runner."""
     group = PrefillGroup([SimpleNamespace(prompt=p) for p in prompts], model.device, PAD)
     while not group.finished:
-        group.run_chunk(model, 512)
-    columns, shift = runner.add_group(group)
-    assert shift == 0
-    return columns
+        runner.prefill(group, 512)
+    runner.add_group(group)
 
 
 def decode(runner, inputs, positions):
@@ -61,7 +61,7 @@ def assert_close(a, b):
 def test_step_writes_at_each_rows_length(tiny):
     runner = StaticRunner(tiny, None, max_rows=4, max_len=64, compile=False)
     a, b = [5, 9, 12, 7, 30], [8, 3]
-    assert join(tiny, runner, [a, b]) == [[0, 1, 2, 3], [0]]
+    join(tiny, runner, [a, b])
     assert runner.slots == [0, 1]
     logits = decode(runner, [a[-1], b[-1]], [4, 1])
     assert_close(logits[0], fresh_logits(tiny, a))
@@ -70,22 +70,6 @@ def test_step_writes_at_each_rows_length(tiny):
     assert end == 64  # zeroed lazily, up to the attention width of this step
     assert k[0, :, 4].abs().sum() > 0 and k[0, :, 5:end].abs().sum() == 0
     assert k[1, :, 1].abs().sum() > 0 and k[1, :, 2:end].abs().sum() == 0
-
-
-@torch.inference_mode()
-def test_truncate_is_setting_the_length_back(tiny):
-    runner = StaticRunner(tiny, None, max_rows=2, max_len=64, compile=False)
-    prompt = [5, 9, 12, 7, 30]
-    join(tiny, runner, [prompt])
-    first = None
-    for pos, token in zip(range(4, 8), (prompt[-1], 40, 41, 42)):
-        logits = decode(runner, [token], [pos])
-        first = logits[0] if token == 40 else first
-    runner.truncate(0, [5, 6, 7], 5)  # back to prompt + [40]: drop 41, 42 and re-feed 40 at position 5
-    again = decode(runner, [40], [5])[0]
-    assert_close(again, first)
-    assert_close(again, fresh_logits(tiny, prompt + [40]))
-    assert_close(decode(runner, [50], [6])[0], fresh_logits(tiny, prompt + [40, 50]))
 
 
 @torch.inference_mode()
@@ -194,7 +178,7 @@ async def test_compiled_static_runner_equals_hf_runner(tiny_model_dir, tmp_path)
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])  # q/k/v biases; GQA
 def test_fused_projections_give_the_steps_of_the_models_own(kind, method, monkeypatch):
     # With quantized weights the static step runs q|k|v and gate|up as one matmul each
-    # (static_decode.py); the layers' own modules give the same logits and captured heads.
+    # (runners/static/decode.py); the layers' own modules give the same logits and captured heads.
     model = _family_model(kind)
     quantize_weights(model, method)
     layers = [0, 1]
@@ -228,7 +212,7 @@ def test_fused_projections_give_the_steps_of_the_models_own(kind, method, monkey
 
 @torch.inference_mode()
 def test_compiled_step_checks_fewer_guards_after_warm_up_and_still_compiles_what_it_lacks(tiny, caplog):
-    # After the warm-up dynamo checks only the guards that told its graphs apart (static_runner.py);
+    # After the warm-up dynamo checks only the guards that told its graphs apart (runners/static/runner.py);
     # the rows in the slot order the runner makes still give the uncompiled step's logits, and inputs
     # no warmed-up graph was built for are compiled on demand, not an error.
     runner = StaticRunner(tiny, None, max_rows=2, max_len=64, compile=True)
@@ -239,7 +223,7 @@ def test_compiled_step_checks_fewer_guards_after_warm_up_and_still_compiles_what
         join(tiny, r, [a, b])
     assert_close(decode(runner, [a[-1], b[-1]], [4, 1]), decode(eager, [a[-1], b[-1]], [4, 1]))
     ids = torch.tensor([a[-1], b[-1]], dtype=torch.int32)  # the runner's own ids are int64: no graph for these
-    with caplog.at_level("WARNING", logger="server.engine.static_runner"):
+    with caplog.at_level("WARNING", logger="server.engine.runners.static.runner"):
         logits, _ = runner._call_step(ids, torch.tensor([4, 1]), runner._steer, torch.arange(64))
     assert "compiling them now" in caplog.text
     assert_close(logits[0], fresh_logits(tiny, a))
@@ -266,7 +250,7 @@ def test_a_step_dynamo_ran_uncompiled_is_run_again_and_no_collection_runs_inside
         return compiled(*inputs)
 
     runner._step = flaky
-    with caplog.at_level("WARNING", logger="server.engine.static_runner"):
+    with caplog.at_level("WARNING", logger="server.engine.runners.static.runner"):
         logits, _ = runner.decode([12], [2])
     assert "ran uncompiled once" in caplog.text and len(calls) == 2
     assert calls[0] is False and gc.isenabled()  # collection paused inside the step, back on after it
@@ -289,7 +273,7 @@ def test_cpu_compile_autotunes_matmuls_only_for_quantized_weights(tiny_model_dir
 @torch.inference_mode()
 def test_compiled_int4_step_agrees_with_eager(tiny_model_dir):
     # Compiled with quantized weights, each layer runs whichever kernel autotuning found faster,
-    # inductor's own or torch's packed one (static_runner.py), in another summation order than
+    # inductor's own or torch's packed one (runners/static/runner.py), in another summation order than
     # eager: agreement, not equality.
     model = load_model(str(tiny_model_dir)).model
     quantize_weights(model, "int4")

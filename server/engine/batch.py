@@ -2,7 +2,8 @@
 
 Per-row tensors (sampling parameters, steering vectors, probe head weights) change only when a
 row joins, leaves or backtracks, so they are rebuilt then (`_dirty`), never per token. The runner
-(server/engine/runner.py) owns the KV cache and the forward pass.
+(server/engine/runners/) owns the KV cache and the forward pass; the batch hands it token ids and
+positions, never tensors of the model.
 
 One row's failure is its own: a row whose logits are not finite, whose sampling raises or whose
 bookkeeping raises fails alone, and every other row gets exactly the token it would have got.
@@ -16,9 +17,9 @@ import torch
 
 from server.engine.detokenizer import token_bytes, token_text
 from server.engine.logits import LogitsProcessors
-from server.engine.prefill import PrefillGroup, row_kv
 from server.engine.prefix_cache import PrefixCache
-from server.engine.runner import Runner
+from server.engine.runners import Runner
+from server.engine.runners.prefill import PrefillGroup
 from server.engine.sampling import SamplingTensors, compute_logprobs, sample
 from server.engine.sequence import Phase, Sequence
 from server.engine.types import TokenLogprob
@@ -35,8 +36,6 @@ class Batch:
     ):
         self.runner = runner
         self.prefix_cache = prefix_cache  # prompts offered when prefilled, answers when finished
-        self.model = runner.model  # the scheduler prefills with it
-        self.taps = runner.taps
         self.tokenizer = tokenizer
         self.banks = banks
         self.rows: list[Sequence] = []
@@ -45,22 +44,19 @@ class Batch:
         self._probe_weights: dict[str, torch.Tensor] = {}  # {behaviour: [B, K]}, in score-column order
         self._score_columns: list[tuple[int, ...]] = []  # per row: its behaviours' columns of the scores
         # penalties, logit_bias, min_tokens, grammar masks (server/engine/logits.py)
-        self._processors = LogitsProcessors(runner.model.config.vocab_size, eos_ids, self.model.device)
+        self._processors = LogitsProcessors(runner.vocab_size, eos_ids, runner.device)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def add_group(self, group: PrefillGroup) -> None:
         """Join prefilled newcomers; they decode from the next step on."""
-        columns, shift = self.runner.add_group(group)  # first: the group may hold views of the prefix cache
+        self.runner.add_group(group)  # first: the group may hold views of the prefix cache
         if self.prefix_cache is not None and group.cache is not None:
             for r, seq in enumerate(group.seqs):  # now, so requests arriving while these run share it
-                self.prefix_cache.insert(seq.prompt[:-1], row_kv(group.cache, group.valid, r))
-        if shift:
-            for row in self.rows:
-                row.cols = [c + shift for c in row.cols]
-        for seq, cols in zip(group.seqs, columns):
-            seq.cols = cols
+                self.prefix_cache.insert(seq.prompt[:-1], group.row_kv(r))
+        for seq in group.seqs:
+            seq.length = len(seq.prompt) - 1  # the last prompt token is the first decode step's input
             seq.phase = Phase.DECODE
         self.rows.extend(group.seqs)
         self._dirty = True
@@ -77,7 +73,6 @@ class Batch:
             self.runner.remove_rows(keep)
             self.rows = [self.rows[i] for i in keep]
             self._dirty = True
-            self.runner.tidy(self.rows)
         return done
 
     def _offer_answers(self) -> None:
@@ -95,15 +90,12 @@ class Batch:
         """Decode one token for every row, then let each row apply it (accept, check, backtrack)."""
         if self._dirty:
             self._rebuild()
-        positions = [r.next_pos for r in self.rows]
-        columns = self.runner.columns(positions)  # the cache column each row's step writes
-        logits, captured = self.runner.decode([r.next_input for r in self.rows], positions)
+        logits, captured = self.runner.decode([r.next_input for r in self.rows], [r.next_pos for r in self.rows])
         scores = self._probe_scores(captured)
         finite = torch.isfinite(logits).all(dim=-1)  # [B]: False where this row's numbers broke down
         tokens, failed = self._sample(self._processors.apply(logits))
         logprobs = self._logprobs(logits, tokens)
         tokens_cpu, scores_cpu, finite_cpu = _to_host(tokens, scores, finite)
-        backtracked = False
         counted_rows, counted_tokens = [], []  # answer tokens accepted this step, for the penalty counts
         for b, row in enumerate(self.rows):
             if b in failed or not finite_cpu[b]:
@@ -112,15 +104,14 @@ class Batch:
             strengths = row.strengths
             answer_tokens = len(row.generated)
             try:
-                row.advance(columns[b], self._row_scores(b, scores_cpu[b]), tokens_cpu[b], logprobs[b])
+                row.advance(self._row_scores(b, scores_cpu[b]), tokens_cpu[b], logprobs[b])
             except Exception as exc:  # a bug in one row's bookkeeping: that row fails, not the batch
                 log.exception("request %s failed while applying its token", row.request.request_id)
                 _fail_row(row, type(exc).__name__)
                 continue
-            if row.dropped_cols:
-                self.runner.truncate(b, row.dropped_cols, row.next_pos)
-                row.dropped_cols = []
-                backtracked = True
+            if row.rolled_back:
+                self.runner.rollback(b, row.next_pos)
+                row.rolled_back = False
                 self._dirty = True  # the rolled-back penalty counts are rebuilt from the kept tokens
             elif len(row.generated) == answer_tokens + 1:
                 counted_rows.append(b)
@@ -129,8 +120,6 @@ class Batch:
                 self._dirty = True
         if not self._dirty:
             self._processors.accepted(counted_rows, counted_tokens)
-        if backtracked:
-            self.runner.tidy(self.rows)
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         """Next tokens [B], and the rows whose sampling failed (with why). Batched; only if the
@@ -150,9 +139,9 @@ class Batch:
         return tokens, failed
 
     def _rebuild(self) -> None:
-        self._sampling = SamplingTensors.from_params([r.request.sampling for r in self.rows], self.model.device)
+        self._sampling = SamplingTensors.from_params([r.request.sampling for r in self.rows], self.runner.device)
         self._processors.rebuild([r.decoding for r in self.rows], [r.prompt for r in self.rows])
-        if self.taps is not None:
+        if self.runner.captures:
             self._probe_weights = self._monitor_weights()
             self.runner.set_rows(self._steering_vectors(), any(r.scoring for r in self.rows))
         else:
@@ -182,7 +171,7 @@ class Batch:
         for name, bank in self.banks.items():
             rows = [_heads_of(r, name) if r.scoring else 0 for r in self.rows]
             if any(rows):
-                zero = torch.zeros(bank.num_heads, device=self.model.device)
+                zero = torch.zeros(bank.num_heads, device=self.runner.device)
                 weights[name] = torch.stack([head_weights(n, bank.num_heads, zero.device) if n else zero for n in rows])
         column = {name: j for j, name in enumerate(weights)}
         self._score_columns = [tuple(column[n] for n in r.steering.names) if r.scoring else () for r in self.rows]

@@ -25,7 +25,7 @@ from server.engine.output import TextOutput
 from server.engine.prefix_cache import PrefixCache
 from server.engine.processors import DecodingState
 from server.engine.quantize import quantize_weights
-from server.engine.runner import make_runner
+from server.engine.runners import make_runner
 from server.engine.scheduler import RequestQueue, Scheduler
 from server.engine.sequence import Sequence
 from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams, ToolPrompt
@@ -437,7 +437,10 @@ class Engine:
     def _report_step(self) -> None:
         """After each worker iteration (on the worker thread, the prefix cache's only user)."""
         self._report_queue()
-        prefix = self._scheduler.batch.prefix_cache if self._scheduler is not None else None
+        if self._scheduler is None:
+            return
+        self.metrics.set_kv_cache(self._scheduler.batch.runner.memory()["kv_cache_bytes"])
+        prefix = self._scheduler.batch.prefix_cache
         if prefix is not None:
             self.metrics.set_prefix_cache(prefix.blocks_used, prefix.capacity, prefix.evicted)
 

@@ -23,7 +23,7 @@ import inspect
 from typing import Any
 
 import transformers
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 # "" on 4.x, "-tf5" on 5.x: appended to folder names of files saved by transformers.
 SAVED_FILES_TAG = "" if int(transformers.__version__.split(".")[0]) < 5 else "-tf5"
@@ -50,3 +50,20 @@ def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The chat template applied with the assistant turn opened, as token ids."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return [int(i) for i in ids]
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[Any, Any]]:
+    """Per layer, the (keys, values) tensors a DynamicCache holds."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from(kv: list[tuple[Any, Any]]) -> DynamicCache:
+    """A DynamicCache holding these tensors themselves. `update` would concatenate them onto an empty
+    tensor, a copy of the whole cache; so each layer is initialised with an empty update (dtype,
+    device) and then given the tensors (same on 4.56's and 5.x's `DynamicLayer`)."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[..., :0, :], v[..., :0, :], i)
+        layer = cache.layers[i]
+        layer.keys, layer.values = k, v
+    return cache

@@ -18,12 +18,11 @@ import logging
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 
 import torch
 
 from server.engine.batch import Batch
-from server.engine.prefill import PrefillGroup
+from server.engine.runners.prefill import PrefillGroup
 from server.engine.sequence import Sequence
 from server.errors import QueueFullError, QueueTimeoutError, ServerError
 
@@ -146,7 +145,7 @@ class Scheduler:
             self.waiting_for_work = False
             self.heartbeat = time.monotonic()  # waiting for work is not being stuck
             if newcomers:
-                self._group = PrefillGroup(newcomers, self.batch.model.device, self.pad_id, self.batch.prefix_cache)
+                self._group = PrefillGroup(newcomers, self.batch.runner.device, self.pad_id, self.batch.prefix_cache)
                 log.debug("prefilling %d newcomers (%d columns, %d from the prefix cache) beside %d running rows",
                           len(newcomers), self._group.width, self._group.cached_width, len(self.batch))
         if self._group is not None:
@@ -175,8 +174,7 @@ class Scheduler:
     def _prefill_chunk(self) -> None:
         group = self._group
         if not group.finished:
-            with self.batch.taps.paused() if self.batch.taps else nullcontext():
-                group.run_chunk(self.batch.model, self.prefill_chunk_tokens)
+            self.batch.runner.prefill(group, self.prefill_chunk_tokens)
         if group.finished:
             self.batch.add_group(group)
             self._group = None

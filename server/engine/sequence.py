@@ -4,11 +4,11 @@ What to steer, when to check and whether to backtrack are the controller's (serv
 controller.py, one class per mode); this class applies them: it drops tokens, rolls back the text
 and every processor (server/engine/processors.py), and frees the cache columns.
 
-Position bookkeeping: `cols[i]` is the batch-cache column holding position i of prompt+generated,
-for every position already in the cache; `next_input` is the token the next forward pass feeds at
-position `next_pos == len(cols)`. Normally that is the newest generated token; after a backtrack it
+Position bookkeeping: the first `length` positions of prompt+generated are in the runner's cache
+(where, is the runner's business); `next_input` is the token the next forward pass feeds at
+position `next_pos == length`. Normally that is the newest generated token; after a backtrack it
 is the last kept token (or the last prompt token), re-fed so the next token comes from a steered
-forward pass.
+forward pass, and `rolled_back` tells the batch to have the runner drop the positions after it.
 
 Every sequence ends (docs/operations.md "Reliability"): backtracks are capped by `max_backtracks`, the tokens it may
 throw away by `discard_budget` (so kept + discarded <= DECODE_BUDGET_FACTOR * max_tokens), and an
@@ -62,14 +62,14 @@ class Sequence:
     decoding: DecodingState | None = None  # penalties, min_tokens, grammar: rolled back with the tokens
     phase: Phase = Phase.PREFILL
     generated: list[int] = field(default_factory=list)
-    cols: list[int] = field(default_factory=list)
+    length: int = 0  # positions of prompt+generated in the runner's cache
     next_input: int = 0
     # each monitored behaviour's probe score after each generated token
     scores: list[tuple[float, ...]] = field(default_factory=list)
     eos_emitted: bool = False
     finish_reason: FinishReason | None = None
     refeeding: bool = False  # next_input is a kept token being fed again after a backtrack
-    dropped_cols: list[int] = field(default_factory=list)  # cache columns a backtrack freed
+    rolled_back: bool = False  # a backtrack dropped cached positions from next_pos on: the runner must too
     cancelled: bool = False
     reported: bool = False  # its Finished event was emitted
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
@@ -88,7 +88,7 @@ class Sequence:
 
     @property
     def next_pos(self) -> int:
-        return len(self.cols)
+        return self.length
 
     @property
     def strengths(self) -> tuple[float, ...]:
@@ -118,7 +118,7 @@ class Sequence:
     @property
     def unsteered_tokens(self) -> list[int]:
         """prompt+generated tokens whose cached keys/values no steering touched: a prefix cache may keep them."""
-        fed = len(self.cols) if self.steered_from is None else min(len(self.cols), self.steered_from)
+        fed = self.length if self.steered_from is None else min(self.length, self.steered_from)
         return (self.prompt + self.generated)[:fed]
 
     def expired(self, now: float) -> bool:
@@ -133,12 +133,12 @@ class Sequence:
     def wants_logprobs(self) -> bool:
         return self.request.sampling.logprobs
 
-    def advance(self, column: int, score: tuple[float, ...] | None, token: int, logprob: TokenLogprob | None) -> None:
-        """Apply one forward pass: `column` now holds `next_input`; `token` was sampled from it;
-        `score`: each monitored behaviour's probe score at that position."""
+    def advance(self, score: tuple[float, ...] | None, token: int, logprob: TokenLogprob | None) -> None:
+        """Apply one forward pass: the cache now holds `next_input` at `next_pos`; `token` was sampled
+        from it; `score`: each monitored behaviour's probe score at that position."""
         if self.steered_from is None and any(self.strengths):  # the strengths this step ran with
-            self.steered_from = len(self.cols)
-        self.cols.append(column)
+            self.steered_from = self.length
+        self.length += 1
         if score is not None and self.generated:
             del self.scores[len(self.generated) - 1 :]
             self.scores.append(score)  # the prefix ending at generated[-1] just got this score
@@ -198,8 +198,8 @@ class Sequence:
         self.decoding.rollback(drop)
         refeed_pos = len(self.prompt) + kept - 1
         self.next_input = (self.prompt + self.generated)[refeed_pos]
-        self.dropped_cols = self.cols[refeed_pos:]  # the scheduler masks these out of the cache
-        del self.cols[refeed_pos:]
+        self.length = refeed_pos  # the batch has the runner drop the cached positions from here on
+        self.rolled_back = True
         self.refeeding = True
         self.phase = Phase.DECODE
         self.finish_reason = None

@@ -93,6 +93,7 @@ async def check_the_next_turn_reuses_the_first(sdk, http, model):
     assert first.usage.prompt_tokens - 1 <= cached < usage.prompt_tokens
     assert await metric(http, "fasb_prefix_cache_hit_tokens_total") - hits_before >= cached
     assert await metric(http, "fasb_prefix_cache_blocks") > 0
+    assert await metric(http, "fasb_kv_cache_bytes") >= 0
 
 
 async def test_completions_stream_equals_non_stream(http, tiny_server):

@@ -3,7 +3,7 @@
 Per layer, keys and values live in `[slots, kv_heads, max_len, head_dim]` buffers allocated once.
 A request owns a slot; position i of its prompt+generated tokens is column i of that slot. A decode
 step writes each row's new key/value at its own position, and attention reads columns
-`0..position` (masked by position, see static_decode.py). So a row's *length* is simply its next
+`0..position` (masked by position, see decode.py). So a row's *length* is simply its next
 position: a backtrack sets it back and the next step overwrites the stale columns, and a freed slot
 needs no clearing. The buffers are module buffers so a compiled step (and a CUDA graph) sees fixed
 addresses.

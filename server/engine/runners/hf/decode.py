@@ -1,7 +1,7 @@
 """The model-facing decode step: one token for every row of the running batch.
 
 Kept free of scheduling and HTTP (gpt-fast style): a forward pass plus the cache bookkeeping it
-needs. (Prefill lives in prefill.py.) The caller holds `torch.inference_mode()`.
+needs. (Prefill: server/engine/runners/prefill.py.) The caller holds `torch.inference_mode()`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.hf_compat import cache_kwarg, output_cache
-from server.engine.kv_cache import BatchKVCache
+from server.engine.runners.hf.kv_cache import BatchKVCache
 
 
 def decode_step(

@@ -11,7 +11,7 @@ hooks (compare server/steering/taps.py, which does the same on the hf runner):
   c * sigma * u to its slice of the input; server/steering/bank.py).
 
 The step has no Python hooks, no host syncs and no data-dependent control flow, so the whole of it
-compiles as one graph (server/engine/static_runner.py). Batch row b of a step is cache slot b; rows
+compiles as one graph (runner.py). Batch row b of a step is cache slot b; rows
 that hold no request run on dummy inputs and are ignored by the caller.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.quantize import Int4Linear, QuantizedLinear
-from server.engine.static_cache import StaticKVCache
+from server.engine.runners.static.cache import StaticKVCache
 
 # Model types whose decoder layer is the step's formula: pre-norm attention and MLP, one RoPE, no
 # other norms. Others would decode wrongly (Gemma's extra norms and sliding layers, Qwen3's q/k norms).

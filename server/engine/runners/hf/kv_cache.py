@@ -14,21 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-
-def _layers_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding these tensors themselves. `update` would concatenate them onto an empty
-    tensor, a copy of the whole cache; so each layer is initialised with an empty update (dtype,
-    device) and then given the tensors."""
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k[..., :0, :], v[..., :0, :], i)
-        layer = cache.layers[i]
-        layer.keys, layer.values = k, v
-    return cache
+from server.engine.hf_compat import cache_from, cache_layers
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -70,11 +56,11 @@ class BatchKVCache:
         """
         width = max(self.width, rows_valid.shape[1])
         shift = width - self.width if self.batch_size else 0
-        old_kv = _layers_kv(self.cache) if self.cache is not None else None
-        new_kv = _layers_kv(rows_cache) if rows_cache is not None and rows_valid.shape[1] else None
+        old_kv = cache_layers(self.cache) if self.cache is not None else None
+        new_kv = cache_layers(rows_cache) if rows_cache is not None and rows_valid.shape[1] else None
         if old_kv or new_kv:
             n_layers = len(old_kv or new_kv)
-            self.cache = _cache_from([
+            self.cache = cache_from([
                 tuple(self._merge(old_kv[i] if old_kv else None, new_kv[i] if new_kv else None, j,
                                   rows_valid.shape[0], width) for j in range(2))
                 for i in range(n_layers)
@@ -137,8 +123,8 @@ class BatchKVCache:
         self._holes = any(len(cols) < width for cols in row_columns)
         if self.cache is not None:
             kv = []
-            for k, v in _layers_kv(self.cache):
+            for k, v in cache_layers(self.cache):
                 gather = index[:, None, :, None].expand(k.shape[0], k.shape[1], width, k.shape[3])
                 kv.append((k.gather(2, gather), v.gather(2, gather)))
-            self.cache = _cache_from(kv)
+            self.cache = cache_from(kv)
         return new_columns

@@ -1,6 +1,6 @@
-"""The `static` runner: a preallocated slot cache and one (optionally compiled) decode step.
+"""`StaticRunner`: a preallocated slot cache and one (optionally compiled) decode step.
 
-Each running request owns a slot of `StaticKVCache` (static_cache.py); the step (static_decode.py)
+Each running request owns a slot of `StaticKVCache` (cache.py); the step (decode.py)
 runs on slots 0..S-1, where S is the smallest *bucket* (1, 2, 4, ... max rows) holding every
 occupied slot, so a compiled step sees a handful of batch shapes; free slots inside the bucket run
 on dummy inputs. Attention reads the first T columns, T rounded up to `_KEY_BLOCK`; T is a dynamic
@@ -19,12 +19,11 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from server.engine.prefill import PrefillGroup, row_kv
 from server.engine.prefix_cache import LayerKV
 from server.engine.quantize import QuantizedLinear
-from server.engine.sequence import Sequence
-from server.engine.static_cache import StaticKVCache
-from server.engine.static_decode import StaticDecoder, check_static_supported
+from server.engine.runners.prefill import PrefillGroup
+from server.engine.runners.static.cache import StaticKVCache
+from server.engine.runners.static.decode import StaticDecoder, check_static_supported
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
@@ -44,6 +43,9 @@ class StaticRunner:
     def __init__(self, model: PreTrainedModel, taps: HeadTaps | None, max_rows: int, max_len: int, compile: bool):
         check_static_supported(model.config)
         self.model, self.taps = model, taps
+        self.device = model.device
+        self.vocab_size = model.config.vocab_size
+        self.captures = taps is not None
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = StaticKVCache(config.num_hidden_layers, max_rows, config.num_key_value_heads, max_len,
@@ -66,16 +68,15 @@ class StaticRunner:
             self._compile()
 
     # -- composition
-    def add_group(self, group: PrefillGroup) -> tuple[list[list[int]], int]:
-        lengths = group.valid.sum(dim=1).tolist()
-        columns = []
-        for r, n in enumerate(lengths):
+    def prefill(self, group: PrefillGroup, max_tokens: int) -> None:
+        group.run_chunk(self.model, self.taps, max_tokens)  # eager: a prompt's many rows amortise it
+
+    def add_group(self, group: PrefillGroup) -> None:
+        for r, n in enumerate(group.valid.sum(dim=1).tolist()):
             slot = self._free.pop(0)  # lowest free slot keeps the bucket small
             self.slots.append(slot)
             if group.cache is not None and n:
-                self.cache.load_row(slot, row_kv(group.cache, group.valid, r))
-            columns.append(list(range(n)))
-        return columns, 0
+                self.cache.load_row(slot, group.row_kv(r))
 
     def remove_rows(self, keep: list[int]) -> None:
         kept = [self.slots[i] for i in keep]
@@ -96,10 +97,7 @@ class StaticRunner:
         needed = max(self.slots, default=0) + 1
         return next(b for b in self.buckets if b >= needed)
 
-    # -- stepping
-    def columns(self, positions: list[int]) -> list[int]:
-        return list(positions)  # position i of a request lives in column i of its slot
-
+    # -- stepping (position i of a request lives in column i of its slot)
     def decode(self, inputs: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         size = self._steer.shape[0]
         ids, pos = [0] * size, [0] * size  # free slots in the bucket: token 0 at position 0, ignored
@@ -144,15 +142,15 @@ class StaticRunner:
             if collecting:
                 gc.enable()
 
-    def truncate(self, row: int, dropped_cols: list[int], length: int) -> None:
+    def rollback(self, row: int, length: int) -> None:
         pass  # the row's length is its next position; the next step overwrites what was dropped
-
-    def tidy(self, rows: list[Sequence]) -> None:
-        pass  # no holes, nothing to compact
 
     def row_kv(self, row: int, n: int) -> LayerKV:
         slot = self.slots[row]
         return [(k[slot, :, :n], v[slot, :, :n]) for k, v in map(self.cache.layer, range(self.cache.num_layers))]
+
+    def memory(self) -> dict[str, int]:
+        return {"kv_cache_bytes": self.cache.nbytes(), "kv_cache_positions": self.cache.slots * self.cache.max_len}
 
     # -- compilation
     def _compile(self) -> None:

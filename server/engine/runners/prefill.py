@@ -1,5 +1,9 @@
 """Prefill newcomers together: one left-padded batch, processed in column chunks.
 
+Both runners prefill this way, with transformers' own forward (a prompt's rows are many, so the
+forward's overhead is small against its matmuls); each then takes the group's keys and values
+into its own cache layout (`Runner.add_group`).
+
 Requests that arrive together (a burst of clients) are prefilled in one forward pass per chunk
 instead of one pass each, so the running streams stall once per burst, not once per request. The
 padded layout is exactly the batch cache's (rows right-aligned, `valid` marks real columns), so
@@ -16,13 +20,15 @@ row's prompt is right-aligned after that. A row may thus have a hole between the
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from server.engine.hf_compat import cache_kwarg, output_cache
-from server.engine.kv_cache import _cache_from
+from server.engine.hf_compat import cache_from, cache_kwarg, output_cache
 from server.engine.prefix_cache import LayerKV, PrefixCache
 from server.engine.sequence import Sequence
+from server.steering.taps import HeadTaps
 
 
 class PrefillGroup:
@@ -53,15 +59,20 @@ class PrefillGroup:
         # by the first chunk (the cache's update concatenates them into new tensors), or, with
         # nothing left to prefill, by joining the batch (the runner copies them into its cache).
         if self.cached_width:
-            self.cache = _cache_from(_cached_columns(prefix, hits, self.cached_width))
+            self.cache = cache_from(_cached_columns(prefix, hits, self.cached_width))
         self.done = self.cached_width  # columns prefilled (or read from the prefix cache) so far
 
     @property
     def finished(self) -> bool:
         return self.done >= self.width
 
-    def run_chunk(self, model: PreTrainedModel, max_tokens: int) -> None:
-        """Prefill the next columns, about `max_tokens` tokens in all rows together."""
+    def run_chunk(self, model: PreTrainedModel, taps: HeadTaps | None, max_tokens: int) -> None:
+        """Prefill the next columns, about `max_tokens` tokens in all rows together (`Runner.prefill`).
+        The probes' hooks are paused: prompt positions are neither read nor steered."""
+        with taps.paused() if taps is not None else nullcontext():
+            self._forward(model, max_tokens)
+
+    def _forward(self, model: PreTrainedModel, max_tokens: int) -> None:
         start = self.done
         end = min(self.width, start + max(1, max_tokens // len(self.seqs)))
         out = model(
@@ -75,6 +86,18 @@ class PrefillGroup:
         self.cache = output_cache(model, out)
         self.done = end
 
+    def row_kv(self, row: int) -> LayerKV:
+        """Row `row`'s keys/values at its valid columns, in position order: per layer ([kv_heads, n, D], same).
+        Views when those columns are one run (no padding hole inside), copies otherwise."""
+        columns = self.valid[row].nonzero().squeeze(1)
+        layers = self.cache.layers if self.cache is not None else []
+        if len(columns) and int(columns[-1]) - int(columns[0]) + 1 == len(columns):
+            first, n = int(columns[0]), len(columns)
+            return [(layer.keys[row, :, first : first + n], layer.values[row, :, first : first + n])
+                    for layer in layers]
+        return [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
+                for layer in layers]
+
     def _mask(self, start: int, end: int) -> torch.Tensor:
         """[n, 1, end-start, end]: causal over real columns; a padding column sees only itself, so
         no query row is fully masked (that would put NaNs into its cached keys and values)."""
@@ -84,18 +107,6 @@ class PrefillGroup:
         allowed = (key <= query)[None] & self.valid[:, None, :end]
         allowed |= (key == query)[None]
         return allowed[:, None]
-
-
-def row_kv(cache: DynamicCache, valid: torch.Tensor, row: int) -> LayerKV:
-    """Row `row`'s keys/values at its valid columns, in position order: per layer ([kv_heads, n, D], same).
-    Views when those columns are one run (no padding hole inside), copies otherwise."""
-    columns = valid[row].nonzero().squeeze(1)
-    if len(columns) and int(columns[-1]) - int(columns[0]) + 1 == len(columns):
-        first, n = int(columns[0]), len(columns)
-        return [(layer.keys[row, :, first : first + n], layer.values[row, :, first : first + n])
-                for layer in cache.layers]
-    return [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
-            for layer in cache.layers]
 
 
 def _cached_columns(prefix: PrefixCache, hits: list[list[int]], width: int) -> LayerKV:
