@@ -80,6 +80,30 @@ def test_grammar_rollback_equals_fewer_tokens(tokenizer, compiler, name, j):
     assert rolled.complete
 
 
+@pytest.mark.parametrize("choice", ["auto", "required"])
+@pytest.mark.parametrize("j", [1, 2, 5])
+def test_tool_call_grammars_roll_back_like_fewer_tokens(tokenizer, compiler, choice, j):
+    # FASB backtracks inside tool-calling answers too: text before a call (auto), and the call.
+    from server.api.protocol import ChatTool
+    from server.api.tools import CALL_CLOSE, CALL_OPEN, tool_call_format
+
+    tool = ChatTool.model_validate({"type": "function", "function": {
+        "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}})
+    fmt = tool_call_format([tool], choice, parallel=False)
+    call = CALL_OPEN + json.dumps({"name": "add", "arguments": {"a": 2}}) + CALL_CLOSE
+    path = tokenizer.encode(("Let me add. " if choice == "auto" else "") + call)
+    rolled, fresh = compiler.matcher(fmt), compiler.matcher(fmt)
+    for t in path:
+        rolled.accept(t)
+    rolled.rollback(j)
+    for t in path[: len(path) - j]:
+        fresh.accept(t)
+    assert torch.equal(_mask(rolled, len(tokenizer)), _mask(fresh, len(tokenizer)))
+    for t in path[len(path) - j :]:
+        rolled.accept(t)
+    assert rolled.complete
+
+
 def test_decoding_state_rolls_back_every_processor(tokenizer, compiler):
     fmt, path = _schema_path(tokenizer, "flat")
     params = SamplingParams(frequency_penalty=1.0, min_tokens=3, response_format=fmt)

@@ -99,9 +99,10 @@ def tool_call_format(
     ]
     if not forced:
         # Free text that never contains the opening tag, or text that ends at its first opening tag
-        # (a `stop` rule is lazy: it ends there), then the call.
+        # (a `suffix` rule is lazy: it ends there), then the call. `suffix`, not `stop`: the same
+        # tokens, but llguidance can roll a `stop` lexeme back by no token, and FASB backtracks.
         lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{_regex(CALL_OPEN.strip())}.*)/")
-        lines.append(f'text[stop="{_lark(CALL_OPEN)}"]: /(?s:.*)/')
+        lines.append(f'text[suffix="{_lark(CALL_OPEN)}"]: /(?s:.*)/')
     lines += [f"call_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(callable_tools)]
     return ResponseFormat("lark", "\n".join(lines) + "\n", param=param)
 

@@ -161,10 +161,13 @@ async def test_backtracks_inside_a_call_keep_its_arguments_valid(sdk, default_se
         assert backtracks is None or backtracks  # FASB really took tokens of the call back
 
 
-async def test_auto_answers_in_text_or_with_a_valid_call(sdk, default_server):
+@pytest.mark.parametrize("steering", [None, FORCED], ids=["plain", "backtracking"])
+async def test_auto_answers_in_text_or_with_a_valid_call(sdk, default_server, steering):
+    # With FASB backtracking: the auto grammar (text, or text then a call) rolls back too.
     async def one(seed, question):
+        extra = {"extra_body": {"steering": steering}} if steering else {}
         return (await sdk.chat.completions.create(**ask(default_server, question, tool_choice="auto",
-                                                          temperature=0.8, seed=seed))).choices[0]
+                                                          temperature=0.8, seed=seed, **extra))).choices[0]
 
     for choice in await asyncio.gather(*(one(seed, q) for seed, q in enumerate(QUESTIONS))):
         if choice.finish_reason == "tool_calls":
