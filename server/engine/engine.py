@@ -2,8 +2,10 @@
 
 The HTTP layer talks to it through `submit()` (validates and enqueues synchronously, so errors
 become 4xx before any byte is streamed) and the returned `GenerationStream` of engine events.
-Decoding never runs on the event loop: the worker thread pushes events into each request's
-asyncio queue with `call_soon_threadsafe`.
+The pieces, as vLLM's engine splits them: request input processing (input_processor.py: tokenising,
+checks, a request to a `Sequence`), the scheduling core (scheduler.py, batch.py, runners/), and
+output processing (output_processor.py: events across threads, metrics of finished requests).
+This class holds their lifecycle: loading, the worker thread, health, draining.
 """
 
 from __future__ import annotations
@@ -15,68 +17,26 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-import torch
-
 from server.config import Settings
 from server.engine.batch import Batch
-from server.engine.grammar import GrammarCompiler
+from server.engine.input_processor import InputProcessor
 from server.engine.loader import LoadedModel, load_model
-from server.engine.output import TextOutput
+from server.engine.output_processor import GenerationStream, OutputProcessor
 from server.engine.prefix_cache import PrefixCache
-from server.engine.processors import DecodingState
 from server.engine.quantize import quantize_weights
 from server.engine.runners import make_runner
 from server.engine.scheduler import RequestQueue, Scheduler
-from server.engine.sequence import Sequence
-from server.engine.types import BehaviorInfo, EngineEvent, Finished, GenerationRequest, SteeringParams, ToolPrompt
-from server.errors import (
-    EngineNotReadyError,
-    EngineUnavailableError,
-    InvalidRequestError,
-    ServerError,
-    ShuttingDownError,
-)
+from server.engine.types import BehaviorInfo, GenerationRequest, SteeringParams, ToolPrompt
+from server.errors import EngineNotReadyError, EngineUnavailableError, ServerError, ShuttingDownError
 from server.metrics import Metrics
 from server.steering.artifact import SteeringArtifact, check_compatible, find_default_artifacts, load_artifact
 from server.steering.bank import BehaviorBank
 from server.steering.layers import attention_output_projections
-from server.steering.policy import BehaviorDefaults, resolve_steering
+from server.steering.policy import BehaviorDefaults
 from server.steering.taps import HeadTaps
 
 log = logging.getLogger(__name__)
 DEFAULT_BEHAVIOR_NAME = "truthfulness"  # served when a request names none and --default-behavior is unset
-
-
-class GenerationStream:
-    """Async iterator over one request's events; `cancel()` stops its generation."""
-
-    def __init__(self, seq_holder: dict, queue: asyncio.Queue, requests: RequestQueue):
-        self._holder = seq_holder
-        self._queue = queue
-        self._requests = requests
-        self._done = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> EngineEvent:
-        if self._done:
-            raise StopAsyncIteration
-        event = await self._queue.get()
-        if isinstance(event, Exception):
-            self._done = True
-            raise event
-        if isinstance(event, Finished):
-            self._done = True
-        return event
-
-    def cancel(self) -> None:
-        seq = self._holder.get("seq")
-        if seq is not None and not self._done:
-            seq.cancelled = True
-            self._requests.discard(seq)  # a request still waiting frees its place at once
-            self._requests.wake()
-        self._done = True
 
 
 class Engine:
@@ -95,9 +55,8 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._scheduler: Scheduler | None = None
         self._draining = False
-        self._max_token_chars = 0  # the longest token's text: a prompt longer than this many chars per token can't fit
-        self._eos_ids: frozenset[int] = frozenset()
-        self._grammars: GrammarCompiler | None = None  # None: this tokenizer cannot do structured output
+        self._inputs: InputProcessor | None = None  # once the model is loaded
+        self._outputs = OutputProcessor(self.metrics)
         self._steering_defaults = SteeringParams(
             mode=settings.steering_mode,
             behavior=_behavior_names(settings.default_behavior),
@@ -157,15 +116,15 @@ class Engine:
         self.max_model_len = loaded.max_model_len
         if s.served_model_name is None:
             self.model_name = loaded.model_id
-        self._eos_ids = _eos_token_ids(loaded)
-        self._max_token_chars = _longest_token_chars(loaded.tokenizer)
+        eos_ids = _eos_token_ids(loaded)
         self._load_artifacts(loaded)
-        self._grammars = _grammar_compiler(loaded, self._eos_ids)
+        self._inputs = InputProcessor(loaded, eos_ids, self._steering_defaults, self._behavior_defaults,
+                                      s.default_max_tokens, s.request_timeout)
         runner = make_runner(s.runner, loaded.model, self._taps, s.max_batch_size, self.max_model_len, s.compile)
         prefix_cache = _prefix_cache(loaded.model, s.prefix_cache_mb)
-        batch = Batch(runner, loaded.tokenizer, self._banks, self._eos_ids, prefix_cache)
+        batch = Batch(runner, loaded.tokenizer, self._banks, eos_ids, prefix_cache)
         pad_id = loaded.tokenizer.pad_token_id
-        pad_id = pad_id if pad_id is not None else min(self._eos_ids, default=0)
+        pad_id = pad_id if pad_id is not None else min(eos_ids, default=0)
         self.ready = True
         log.info(
             "model %s ready on %s (%s, %s runner), context %d, behaviours: %s",
@@ -174,7 +133,7 @@ class Engine:
         )
         return Scheduler(
             batch, self._queue, s.max_batch_size, pad_id, s.prefill_chunk_tokens, on_step=self._report_step,
-            on_retired=self._observe_retired,
+            on_retired=self._outputs.retired,
         )
 
     def health(self) -> str:
@@ -257,6 +216,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return self._queue.stats()
 
+    # -- tokenising (input_processor.py)
     def encode_chat(
         self,
         messages: list[dict[str, str]],
@@ -265,170 +225,27 @@ class Engine:
         add_special_tokens: bool = False,
         tools: ToolPrompt | None = None,
     ) -> list[int]:
-        """The chat template's prompt for `messages`, tokenised. The keyword arguments are /tokenize's
-        (vLLM's): the defaults are what generation uses. `tools`: the same chat for a template that
-        renders tools itself, used when it writes calls as the tool grammar does (`<tool_call>`)."""
-        tokenizer = self._require_ready().tokenizer
-        template_tools = None
-        if tools is not None and "<tool_call>" in str(getattr(tokenizer, "chat_template", None) or ""):
-            messages, template_tools = tools.messages, tools.tools
-        self._check_prompt_chars(sum(len(m.get("content") or "") for m in messages), "messages")
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        try:
-            text = tokenizer.apply_chat_template(
-                messages,
-                tools=template_tools,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tokenize=False,
-            )
-        except Exception as exc:  # template errors (e.g. role order) are the request's fault
-            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        # What apply_chat_template(tokenize=True) does, with the special tokens made a choice.
-        return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        return self._require_inputs().encode_chat(messages, add_generation_prompt, continue_final_message,
+                                                  add_special_tokens, tools)
 
     def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        loaded = self._require_ready()
-        if isinstance(prompt, str):
-            self._check_prompt_chars(len(prompt), "prompt")
-            return loaded.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
-        self._check_token_ids(prompt, "prompt")
-        return list(prompt)
+        return self._require_inputs().encode_prompt(prompt, add_special_tokens)
 
     def decode_tokens(self, token_ids: list[int]) -> str:
-        """The text of `token_ids`, special tokens included (so /tokenize then /detokenize round-trips)."""
-        loaded = self._require_ready()
-        self._check_token_ids(token_ids, "tokens")
-        return loaded.tokenizer.decode(token_ids)
+        return self._require_inputs().decode_tokens(token_ids)
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
-        """Each token's vocabulary string (e.g. "Ġthe"), as /tokenize's `return_token_strs` gives them."""
-        loaded = self._require_ready()
-        self._check_token_ids(token_ids, "tokens")
-        return list(loaded.tokenizer.convert_ids_to_tokens(token_ids))
-
-    def _check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab = self._require_ready().model.config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"{param} token ids must be in [0, {vocab})", param=param)
-
-    def _check_prompt_chars(self, chars: int, param: str) -> None:
-        """Refuse, before tokenising, text that needs more tokens than the context has: no token is
-        longer than `_max_token_chars` characters, so `chars` characters take at least chars / that
-        many tokens. (Twice the bound: a Unicode normaliser may first merge pairs of characters.)"""
-        if self._max_token_chars and chars > 2 * self.max_model_len * self._max_token_chars:
-            raise InvalidRequestError(
-                f"the prompt has {chars} characters, more than fit in this model's {self.max_model_len}-token context",
-                param=param,
-                code="context_length_exceeded",
-            )
+        return self._require_inputs().token_strings(token_ids)
 
     # -- generation
     def submit(self, request: GenerationRequest) -> GenerationStream:
-        loaded = self._require_ready()
+        inputs = self._require_inputs()
         self._require_serving()
-        max_tokens = self._max_tokens(request)
-        steering = resolve_steering(request.steering, self._steering_defaults, self._behavior_defaults)
-        decoding = self._decoding_state(request, max_tokens, loaded.model.config.vocab_size)
         events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        holder: dict = {}
-        emit = self._emitter(loop, events, request)
-        seq = Sequence(
-            request=request,
-            steering=steering,
-            max_tokens=max_tokens,
-            eos_ids=self._eos_ids,
-            output=TextOutput(loaded.tokenizer, request.prompt_token_ids, request.sampling.stop, emit),
-            emit=emit,
-            generator=self._generator(request.sampling.seed),
-            deadline=self._deadline(),
-            decoding=decoding,
-        )
-        holder["seq"] = seq
+        seq = inputs.sequence(request, self._outputs.emitter(asyncio.get_running_loop(), events))
         self._queue.put(seq)  # may raise QueueFullError
         self._report_queue()
-        return GenerationStream(holder, events, self._queue)
-
-    def _max_tokens(self, request: GenerationRequest) -> int:
-        prompt_len = len(request.prompt_token_ids)
-        if prompt_len == 0:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        room = self.max_model_len - prompt_len
-        if room < 1:
-            raise InvalidRequestError(
-                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        asked = request.sampling.max_tokens
-        if asked is not None and asked > room:
-            raise InvalidRequestError(
-                f"max_tokens is {asked}, but only {room} tokens fit after the {prompt_len}-token prompt "
-                f"in this model's {self.max_model_len}-token context",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return asked if asked is not None else min(self.settings.default_max_tokens, room)
-
-    def _decoding_state(self, request: GenerationRequest, max_tokens: int, vocab_size: int) -> DecodingState:
-        """Check what needs the model (token ids, the context, the tokenizer) and compile the grammar."""
-        s = request.sampling
-        bad = sorted(t for t, _ in s.logit_bias if not 0 <= t < vocab_size)
-        if bad:
-            raise InvalidRequestError(
-                f"logit_bias names token ids outside this model's vocabulary [0, {vocab_size}): {bad[:5]}",
-                param="logit_bias",
-            )
-        if s.min_tokens > max_tokens:
-            raise InvalidRequestError(
-                f"min_tokens ({s.min_tokens}) is larger than max_tokens ({max_tokens})", param="min_tokens"
-            )
-        matcher = None
-        if s.response_format is not None:
-            if self._grammars is None:
-                raise InvalidRequestError(
-                    "structured output is not available for this model's tokenizer", param="response_format"
-                )
-            matcher = self._grammars.matcher(s.response_format)
-        return DecodingState(s, matcher)
-
-    def _deadline(self) -> float | None:
-        timeout = self.settings.request_timeout
-        return None if timeout is None else time.monotonic() + timeout
-
-    def _generator(self, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        gen = torch.Generator(device=self._loaded.device)
-        gen.manual_seed(seed % 2**64)  # torch takes [0, 2**64); n choices use seed + i, which may pass 2**63
-        return gen
-
-    def _emitter(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, request: GenerationRequest):
-        def emit(event) -> None:  # called on the worker thread
-            if isinstance(event, Finished):
-                self._observe_finished(event)
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                pass
-
-        return emit
-
-    def _observe_finished(self, event: Finished) -> None:
-        m = self.metrics
-        m.observe_tokens(event.prompt_tokens, event.completion_tokens + event.discarded_tokens, event.discarded_tokens,
-                         event.cached_tokens)
-        if event.steering is not None:
-            m.observe_check(event.steering.checks)
-            for backtrack in event.steering.backtracks:
-                m.observe_backtrack(backtrack.tokens_retracted)
-
-    def _observe_retired(self, seq: Sequence) -> None:
-        """Count the work of a sequence that left without a Finished event (cancelled or failed)."""
-        if not seq.reported:
-            self.metrics.observe_tokens(len(seq.prompt), seq.decoded_tokens, seq.discarded)
+        return GenerationStream(seq, events, self._queue)
 
     def _report_queue(self) -> None:
         stats = self._queue.stats()
@@ -444,10 +261,10 @@ class Engine:
         if prefix is not None:
             self.metrics.set_prefix_cache(prefix.blocks_used, prefix.capacity, prefix.evicted)
 
-    def _require_ready(self) -> LoadedModel:
-        if not self.ready or self._loaded is None:
+    def _require_inputs(self) -> InputProcessor:
+        if not self.ready or self._inputs is None:
             raise EngineNotReadyError()
-        return self._loaded
+        return self._inputs
 
     def _require_serving(self) -> None:
         state = self.health()
@@ -455,25 +272,6 @@ class Engine:
             raise ShuttingDownError()
         if state in ("dead", "stalled"):
             raise EngineUnavailableError(f"The decode worker is {state}; the server needs a restart.")
-
-
-def _longest_token_chars(tokenizer) -> int:
-    """Characters in the vocabulary's longest token (0 if the tokenizer cannot say)."""
-    try:
-        return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
-    except Exception:  # an exotic tokenizer: skip the character pre-check, the token count still applies
-        log.warning("could not measure the vocabulary's longest token; prompts are only checked after tokenising")
-        return 0
-
-
-def _grammar_compiler(loaded: LoadedModel, eos_ids: frozenset[int]) -> GrammarCompiler | None:
-    tokenizer = loaded.tokenizer
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_ids, default=0)
-    try:
-        return GrammarCompiler(tokenizer, loaded.model.config.vocab_size, eos)
-    except Exception:  # an exotic tokenizer: serve everything else, refuse response_format with a 400
-        log.warning("structured output is off: the grammar engine cannot use this tokenizer", exc_info=True)
-        return None
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
