@@ -50,6 +50,7 @@ class StaticRunner:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = StaticKVCache(config.num_hidden_layers, max_rows, config.num_key_value_heads, max_len,
                                    head_dim, model.dtype, model.device)
+        self._memory = {"kv_cache_bytes": self.cache.nbytes(), "kv_cache_positions": max_rows * max_len}
         log.info("static KV cache: %d slots x %d positions, %.0f MiB", max_rows, max_len, self.cache.nbytes() / 2**20)
         tap_layers = taps.layers if taps is not None else []
         self.decoder = StaticDecoder(model, self.cache, tap_layers)
@@ -150,7 +151,7 @@ class StaticRunner:
         return [(k[slot, :, :n], v[slot, :, :n]) for k, v in map(self.cache.layer, range(self.cache.num_layers))]
 
     def memory(self) -> dict[str, int]:
-        return {"kv_cache_bytes": self.cache.nbytes(), "kv_cache_positions": self.cache.slots * self.cache.max_len}
+        return self._memory  # allocated once, at start
 
     # -- compilation
     def _compile(self) -> None:
