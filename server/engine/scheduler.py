@@ -15,6 +15,7 @@ engine tell a stuck or dead worker from a busy one.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -153,11 +154,18 @@ class Scheduler:
         if self.batch.rows:
             self._expire(time.monotonic())
             self._retire(self.batch.remove_finished())
+        alone = len(self.batch.rows) == 1
         if self.batch.rows:
             self.batch.step()
         self._retire(self.batch.remove_finished())  # also drops rows whose client went away
         self._on_step()
         self.heartbeat = time.monotonic()
+        if alone:
+            # One stream: its token waits on the event loop's thread, and the next step would take both
+            # cores first (emit -> loop 0.2-0.4 ms p50, 3.5 ms p90; with this yield 0.11 / 0.3 ms; TTFT
+            # p50 -1 to -4 ms). Not for a batch: yielding every step there cost 3% tokens/s and 8 ms
+            # of TTFT at 8 clients (bench/results/2026-12-07.md).
+            os.sched_yield()
 
     def _retire(self, seqs: list[Sequence]) -> None:
         if seqs:
