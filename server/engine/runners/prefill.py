@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from server.engine.hf_compat import cache_from, cache_kwarg, output_cache
+from server.engine.hf_compat import cache_from, cache_kwarg, cache_layers, output_cache
 from server.engine.prefix_cache import LayerKV, PrefixCache
 from server.engine.sequence import Sequence
 from server.steering.taps import HeadTaps
@@ -87,16 +87,9 @@ class PrefillGroup:
         self.done = end
 
     def row_kv(self, row: int) -> LayerKV:
-        """Row `row`'s keys/values at its valid columns, in position order: per layer ([kv_heads, n, D], same).
-        Views when those columns are one run (no padding hole inside), copies otherwise."""
-        columns = self.valid[row].nonzero().squeeze(1)
-        layers = self.cache.layers if self.cache is not None else []
-        if len(columns) and int(columns[-1]) - int(columns[0]) + 1 == len(columns):
-            first, n = int(columns[0]), len(columns)
-            return [(layer.keys[row, :, first : first + n], layer.values[row, :, first : first + n])
-                    for layer in layers]
-        return [(layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns))
-                for layer in layers]
+        """Row `row`'s keys/values at its valid columns, in position order."""
+        layers = cache_layers(self.cache) if self.cache is not None else []
+        return select_columns(layers, row, self.valid[row].nonzero().squeeze(1).tolist())
 
     def _mask(self, start: int, end: int) -> torch.Tensor:
         """[n, 1, end-start, end]: causal over real columns; a padding column sees only itself, so
@@ -107,6 +100,16 @@ class PrefillGroup:
         allowed = (key <= query)[None] & self.valid[:, None, :end]
         allowed |= (key == query)[None]
         return allowed[:, None]
+
+
+def select_columns(layers: list[tuple[torch.Tensor, torch.Tensor]], row: int, columns: list[int]) -> LayerKV:
+    """Per layer, row `row`'s keys/values ([B, kv_heads, T, D] each) at `columns`: ([kv_heads, n, D], same).
+    Views when the columns are one run, copies otherwise."""
+    if columns and columns[-1] - columns[0] + 1 == len(columns):
+        first, n = columns[0], len(columns)
+        return [(k[row, :, first : first + n], v[row, :, first : first + n]) for k, v in layers]
+    index = torch.tensor(columns, dtype=torch.long, device=layers[0][0].device if layers else None)
+    return [(k[row].index_select(1, index), v[row].index_select(1, index)) for k, v in layers]
 
 
 def _cached_columns(prefix: PrefixCache, hits: list[list[int]], width: int) -> LayerKV:

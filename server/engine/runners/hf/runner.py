@@ -16,7 +16,7 @@ from server.engine.hf_compat import cache_layers
 from server.engine.prefix_cache import LayerKV
 from server.engine.runners.hf.decode import decode_step
 from server.engine.runners.hf.kv_cache import BatchKVCache
-from server.engine.runners.prefill import PrefillGroup
+from server.engine.runners.prefill import PrefillGroup, select_columns
 from server.steering.taps import HeadTaps
 
 # Squeeze holes (left padding, backtracked columns) out of the cache once it is this much wider
@@ -74,12 +74,7 @@ class HFRunner:
         self._may_compact = True
 
     def row_kv(self, row: int, n: int) -> LayerKV:
-        columns, layers = self.row_columns[row][:n], cache_layers(self.cache.cache)
-        if columns and columns[-1] - columns[0] + 1 == len(columns):  # one run: views
-            first = columns[0]
-            return [(k[row, :, first : first + n], v[row, :, first : first + n]) for k, v in layers]
-        index = torch.tensor(columns, device=self.device)
-        return [(k[row].index_select(1, index), v[row].index_select(1, index)) for k, v in layers]
+        return select_columns(cache_layers(self.cache.cache), row, self.row_columns[row][:n])
 
     def memory(self) -> dict[str, int]:
         layers = cache_layers(self.cache.cache) if self.cache.cache is not None else []
