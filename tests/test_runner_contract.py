@@ -81,6 +81,9 @@ def test_chunked_prefill_then_decode_equals_a_fresh_forward(tiny, runner):
     rows.join([[5, 9, 12, 7, 30, 2, 8, 44], [8, 3]], chunk_tokens=6)  # 3 columns per chunk
     for n in range(3):
         assert_rows_fresh(tiny, rows, rows.step([50 + n, 60 + n]))
+    rows.join([list(range(10, 40))], chunk_tokens=8)  # one newcomer, a prompt longer than a chunk
+    for n in range(3):
+        assert_rows_fresh(tiny, rows, rows.step([50 + n, 60 + n, 70 + n]))
 
 
 @torch.inference_mode()
@@ -149,12 +152,16 @@ def test_a_prompt_read_from_the_prefix_cache_decodes_like_one_prefilled(tiny, ru
     rows = Rows(tiny, runner, prefix)
     system, turn = list(range(10, 30)), [5, 9, 12]
     first = rows.join([system + turn])
-    prefix.insert(first.seqs[0].prompt[:-1], first.row_kv(0))
+    prefix.insert(first.seqs[0].prompt[:-1], runner.row_kv(0, len(system + turn) - 1))
     rows.step([40])
     second = rows.join([system + [7, 7], system + turn + [40, 41, 42]])
     assert [s.cached_tokens for s in second.seqs] == [len(system), len(system + turn) - 1]  # as offered
     for _ in range(2):
         assert_rows_fresh(tiny, rows, rows.step([43, 44, 45]))
+    third = rows.join([system + turn + [6, 6, 6, 6]])  # one newcomer: its cached prefix, then its own tokens
+    assert third.seqs[0].cached_tokens == len(system + turn) - 1
+    for _ in range(2):
+        assert_rows_fresh(tiny, rows, rows.step([46, 47, 48, 49]))
 
 
 @torch.inference_mode()

@@ -52,9 +52,9 @@ class Batch:
     def add_group(self, group: PrefillGroup) -> None:
         """Join prefilled newcomers; they decode from the next step on."""
         self.runner.add_group(group)  # first: the group may hold views of the prefix cache
-        if self.prefix_cache is not None and group.cache is not None:
-            for r, seq in enumerate(group.seqs):  # now, so requests arriving while these run share it
-                self.prefix_cache.insert(seq.prompt[:-1], group.row_kv(r))
+        if self.prefix_cache is not None:
+            for r, seq in enumerate(group.seqs, len(self.rows)):  # now, so requests arriving while these run share it
+                self.prefix_cache.insert(seq.prompt[:-1], self.runner.row_kv(r, len(seq.prompt) - 1))
         for seq in group.seqs:
             seq.length = len(seq.prompt) - 1  # the last prompt token is the first decode step's input
             seq.phase = Phase.DECODE

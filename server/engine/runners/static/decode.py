@@ -133,6 +133,42 @@ def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callabl
     return x, head_acts
 
 
+def prefill_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callable, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot: int, start: int, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for a run of new prompt tokens of one row, written into its slot at columns
+    start.. (eager: `slot` and `start` are Python ints, so the slot's cache is read as a view).
+
+    x: [1, Q, hidden]; cos, sin: [1, Q, D]; mask: [1, 1, G*Q, T] additive, T = start + Q.
+    The step's attention: no key/value concatenation and no repeated GQA keys, which is what costs
+    a short prompt after a long cached prefix most in transformers' forward. The fused projections
+    while their packed kernel takes Q rows; above, the layer's own modules (prompt GEMMs with their
+    bf16 weights, server/engine/quantize.py; fused ones would keep a second bf16 copy). Prompt
+    positions are neither read by the probes nor steered.
+    """
+    attn = layer.self_attn
+    Q, D = x.shape[1], attn.head_dim
+    h = layer.input_layernorm(x)
+    few_rows = fused is not None and Q <= fused.qkv.kernel_max_rows
+    q, k, v = fused.project_qkv(h) if few_rows else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+    q = q.reshape(1, Q, -1, D).transpose(1, 2)  # [1, H, Q, D]
+    k = k.reshape(1, Q, -1, D).transpose(1, 2)  # [1, KVH, Q, D]
+    v = v.reshape(1, Q, -1, D).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k_cache[slot, :, start : start + Q] = k[0]
+    v_cache[slot, :, start : start + Q] = v[0]
+    T = start + Q
+    keys, values = k_cache[slot : slot + 1, :, :T], v_cache[slot : slot + 1, :, :T]
+    q = q.reshape(1, kv_heads, (heads // kv_heads) * Q, D)  # query head h = kv * G + g, as in decode_layer
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+    head_acts = out.reshape(1, heads, Q, D).transpose(1, 2).reshape(1, Q, heads * D)
+    o_proj = fused.o_proj if few_rows else attn.o_proj  # .forward: not through the probes' hooks
+    x = x + o_proj.forward(head_acts)
+    mlp = fused.mlp if few_rows else layer.mlp
+    return x + mlp(layer.post_attention_layernorm(x))
+
+
 class StaticDecoder(nn.Module):
     def __init__(self, model: nn.Module, cache: StaticKVCache, tap_layers: list[int]):
         super().__init__()
@@ -149,6 +185,7 @@ class StaticDecoder(nn.Module):
         self._plan = [(layer, self.fused[str(i)] if str(i) in self.fused else None, cache.layer(i), tap_slot.get(i))
                       for i, layer in enumerate(self.layers)]
         config = model.config
+        self.kv_groups = config.num_attention_heads // config.num_key_value_heads
         self.act_width = config.num_attention_heads * (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
@@ -169,3 +206,17 @@ class StaticDecoder(nn.Module):
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
         taps = torch.stack(captured) if captured else x.new_zeros(0, x.shape[0], self.act_width)
         return logits, taps
+
+    def prefill(self, slot: int, input_ids: torch.Tensor, start: int) -> None:
+        """Write the keys/values of `input_ids` [Q], one row's prompt tokens at positions start..start+Q-1,
+        into `slot` (eager; columns 0..start-1 of the slot already hold its earlier positions)."""
+        Q = input_ids.shape[0]
+        x = self.embed(input_ids)[None]  # [1, Q, hidden]
+        positions = torch.arange(start, start + Q, device=input_ids.device)
+        cos, sin = self.rotary(x, positions[None])  # [1, Q, D] each
+        key_pos = torch.arange(start + Q, device=input_ids.device)
+        future = key_pos[None, :] > positions[:, None]  # [Q, T]: causal
+        mask = x.new_zeros(future.shape).masked_fill_(future, float("-inf"))  # additive: SDPA converts a bool one per call
+        mask = mask.repeat(self.kv_groups, 1)[None, None]  # [1, 1, G*Q, T]: the G query heads of a kv head
+        for layer, fused, (k_cache, v_cache), _ in self._plan:
+            x = prefill_layer(layer, fused, self.rope, k_cache, v_cache, slot, start, x, cos, sin, mask)

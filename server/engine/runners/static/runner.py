@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import PreTrainedModel
 
+from server.engine.hf_compat import cache_layers
 from server.engine.prefix_cache import LayerKV
 from server.engine.quantize import QuantizedLinear
 from server.engine.runners.prefill import PrefillGroup
@@ -57,6 +58,7 @@ class StaticRunner:
         self.buckets = batch_buckets(max_rows)
         self.slots: list[int] = []  # row b's slot
         self._free = list(range(max_rows))
+        self._reserved: tuple[PrefillGroup, int] | None = None  # a lone newcomer's slot, prefilled in place
         self._steer_shape = (len(tap_layers), config.hidden_size)
         self._steer = torch.zeros(0, *self._steer_shape, dtype=model.dtype, device=model.device)  # [S, taps, hidden]
         self._rows_index = torch.zeros(0, dtype=torch.long, device=model.device)  # [B]: row b's slot
@@ -70,9 +72,37 @@ class StaticRunner:
 
     # -- composition
     def prefill(self, group: PrefillGroup, max_tokens: int) -> None:
-        group.run_chunk(self.model, self.taps, max_tokens)  # eager: a prompt's many rows amortise it
+        self._release_reserved()  # a group that failed between prefill and joining leaves none
+        if len(group.seqs) == 1 and group.width - group.done <= max_tokens:
+            self._prefill_in_slot(group)
+        else:  # several newcomers, or a long prompt's first chunks: one batched forward
+            group.run_chunk(self.model, self.taps, max_tokens)
+
+    def _prefill_in_slot(self, group: PrefillGroup) -> None:
+        """A lone newcomer whose rest fits one chunk goes straight into the slot it will decode in:
+        its cached prefix is copied there and its new tokens are written there by the step's own
+        attention (StaticDecoder.prefill), with none of a batch cache's copies. It joins in the same
+        scheduler iteration (`add_group`), so no decode step runs over the reserved slot meanwhile."""
+        slot = self._free.pop(0)
+        self._reserved = (group, slot)
+        self.cache.ensure_zeroed(group.width)  # before writing: zeroing later would erase these columns
+        if group.cache is not None and group.done:
+            self.cache.load_row(slot, [(k[0, :, : group.done], v[0, :, : group.done])
+                                       for k, v in cache_layers(group.cache)])
+        if group.done < group.width:  # one row: its columns are its positions, no holes
+            self.decoder.prefill(slot, group.input_ids[0, group.done :], group.done)
+        group.cache, group.done = None, group.width  # the prompt lives in the slot now
+
+    def _release_reserved(self) -> None:
+        if self._reserved is not None:
+            self._free = sorted(self._free + [self._reserved[1]])
+            self._reserved = None
 
     def add_group(self, group: PrefillGroup) -> None:
+        if self._reserved is not None and self._reserved[0] is group:
+            self.slots.append(self._reserved[1])
+            self._reserved = None
+            return
         for r, n in enumerate(group.valid.sum(dim=1).tolist()):
             slot = self._free.pop(0)  # lowest free slot keeps the bucket small
             self.slots.append(slot)
