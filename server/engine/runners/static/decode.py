@@ -216,7 +216,8 @@ class StaticDecoder(nn.Module):
         cos, sin = self.rotary(x, positions[None])  # [1, Q, D] each
         key_pos = torch.arange(start + Q, device=input_ids.device)
         future = key_pos[None, :] > positions[:, None]  # [Q, T]: causal
-        mask = x.new_zeros(future.shape).masked_fill_(future, float("-inf"))  # additive: SDPA converts a bool one per call
+        # additive, made once: SDPA would convert a bool mask in every layer
+        mask = x.new_zeros(future.shape).masked_fill_(future, float("-inf"))
         mask = mask.repeat(self.kv_groups, 1)[None, None]  # [1, 1, G*Q, T]: the G query heads of a kv head
         for layer, fused, (k_cache, v_cache), _ in self._plan:
             x = prefill_layer(layer, fused, self.rope, k_cache, v_cache, slot, start, x, cos, sin, mask)
