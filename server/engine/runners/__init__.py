@@ -5,8 +5,10 @@ keys and values live. Sequences keep token ids and how many of their positions a
 the batch talks to the runner in its own row order (row b is `batch.rows[b]`). The contract:
 
 * `prefill(group, max_tokens)`: run the next chunk (about `max_tokens` prompt tokens in all) of a
-  group of newcomers (prefill.py); probes neither read nor steer prompt positions;
-* `add_group(group)`: the prefilled newcomers join the batch as its last rows;
+  group of newcomers (prefill.py), into the group's cache or straight into the runner's own (the
+  static runner does that for a lone newcomer); probes neither read nor steer prompt positions;
+* `add_group(group)`: the prefilled newcomers join the batch as its last rows, in the same scheduler
+  iteration as the chunk that finished them; from then on their prompts are read with `row_kv`;
 * `remove_rows(keep)`: keep only those rows, in that order (the others finished or went away);
 * `set_rows(steer, capture)`: per-row steering `[B, taps, hidden]` (or None) and whether the probes
   need head activations; called only when the batch's composition or a strength changes;
