@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from server.api.protocol import ChatCompletionRequest
-from server.api.routes.chat import encode_chat
+from server.api.serving import encode_chat
 from server.config import Settings
 from server.engine.engine import Engine
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from starlette.requests import Request
 
-from server.api.protocol import PromptTokensDetails, Usage
+from server.api.protocol import ChatCompletionRequest, PromptTokensDetails, Usage
 from server.engine.types import (
     BehaviorInfo,
     EngineEvent,
@@ -227,3 +227,14 @@ def usage_of(finished: Sequence[Finished], prompts: int = 1) -> Usage:
         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in finished[::per_prompt])),
         discarded_tokens=sum(f.discarded_tokens for f in finished),
     )
+
+
+def encode_chat(engine: EngineClient, body: ChatCompletionRequest) -> list[int]:
+    """The prompt: the generic tool format, or the template's own when it renders tools (engine's pick)."""
+    messages, tools = body.engine_messages(), body.tool_prompt()
+    return engine.encode_chat(messages) if tools is None else engine.encode_chat(messages, tools=tools)
+
+
+def calls_cannot_be_retracted(body: ChatCompletionRequest) -> bool:
+    # Without a `steering` object the engine holds text back instead of retracting it.
+    return body.steering is None or body.steering.stream_mode == "hold"

@@ -27,7 +27,13 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.routes.generate import generate
-from server.api.serving import ChoiceResult, EngineBugError, EngineClient, usage_of
+from server.api.serving import (
+    ChoiceResult,
+    EngineBugError,
+    calls_cannot_be_retracted,
+    encode_chat,
+    usage_of,
+)
 from server.api.sse import ChatChunks, ChoiceStreamState, steering_summary
 from server.api.tools import CallState, StreamUpdate, ToolStream, call_id, parse_output
 from server.engine.types import Finished, Retraction, TextDelta
@@ -50,17 +56,6 @@ async def create_chat_completion(
     if body.calls_allowed:
         chunks = ToolChatChunks(chunks, live_calls=calls_cannot_be_retracted(body))
     return await generate(request, engine, record, body, [prompt], sampling, chunks, chat_completion)
-
-
-def encode_chat(engine: EngineClient, body: ChatCompletionRequest) -> list[int]:
-    """The prompt: the generic tool format, or the template's own when it renders tools (engine's pick)."""
-    messages, tools = body.engine_messages(), body.tool_prompt()
-    return engine.encode_chat(messages) if tools is None else engine.encode_chat(messages, tools=tools)
-
-
-def calls_cannot_be_retracted(body: ChatCompletionRequest) -> bool:
-    # Without a `steering` object the engine holds text back instead of retracting it.
-    return body.steering is None or body.steering.stream_mode == "hold"
 
 
 def chat_completion(chunks: ChatChunks | ToolChatChunks, results: list[ChoiceResult]) -> ChatCompletionResponse:

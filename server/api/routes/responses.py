@@ -21,12 +21,13 @@ from server.api.responses import (
     output_items,
     responses_format,
 )
-from server.api.routes.chat import calls_cannot_be_retracted, encode_chat
 from server.api.serving import (
     CLIENT_CLOSED_REQUEST,
     EngineBugError,
     GenerationStream,
+    calls_cannot_be_retracted,
     collect_unless_disconnected,
+    encode_chat,
     submit_choices,
 )
 from server.api.sse import sse_response
