@@ -69,19 +69,20 @@ class Batch:
         gone = [r.phase is Phase.DONE or r.cancelled for r in self.rows]
         done = [r for r, g in zip(self.rows, gone) if g]
         if done:
-            self._offer_answers()
+            self._offer_answers([b for b, g in enumerate(gone) if g])
             keep = [i for i, g in enumerate(gone) if not g]
             self.runner.remove_rows(keep)
             self.rows = [self.rows[i] for i in keep]
             self._dirty = True
         return done
 
-    def _offer_answers(self) -> None:
-        """Offer each answered row's unsteered prompt+answer to the prefix cache (a next chat turn
-        starts with it) before its cache row goes."""
+    def _offer_answers(self, leaving: list[int]) -> None:
+        """Offer each leaving row's unsteered prompt+answer, if it was answered, to the prefix cache
+        (a next chat turn starts with it) before its cache row goes."""
         if self.prefix_cache is None:
             return
-        for b, row in enumerate(self.rows):
+        for b in leaving:
+            row = self.rows[b]
             if row.reported and not row.cancelled:
                 tokens = row.unsteered_tokens
                 if len(tokens) >= len(row.prompt) - 1 + self.prefix_cache.block_tokens:  # a new block at least
