@@ -139,3 +139,16 @@ def test_policy_resolves_a_list_of_behaviours_each_with_its_own_defaults():
     with pytest.raises(InvalidRequestError) as err:
         resolve_steering(SteeringParams(behavior=("tone", "tone")), SteeringParams(), behaviors)
     assert err.value.param == "steering.behavior"
+
+
+def test_always_mode_defaults_to_each_artifacts_iti_strength():
+    behaviors = {"truthfulness": BehaviorDefaults(alpha=10.0, threshold=0.25, backtrack_tokens=10, num_heads=24,
+                                                  iti_alpha=5.0),
+                 "tone": BehaviorDefaults(alpha=16.0, threshold=0.4, backtrack_tokens=10, num_heads=24)}
+    both = ("truthfulness", "tone")
+    cfg = resolve_steering(SteeringParams(mode="always", behavior=both), SteeringParams(), behaviors)
+    assert [b.alpha for b in cfg.behaviors] == [5.0, 16.0]  # no ITI strength recommended: alpha
+    cfg = resolve_steering(SteeringParams(mode="fasb", behavior=both), SteeringParams(), behaviors)
+    assert [b.alpha for b in cfg.behaviors] == [10.0, 16.0]
+    cfg = resolve_steering(SteeringParams(mode="always", behavior=both), SteeringParams(alpha=3.0), behaviors)
+    assert [b.alpha for b in cfg.behaviors] == [3.0, 3.0]  # a server flag (or a request value) wins

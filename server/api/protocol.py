@@ -920,9 +920,10 @@ class BehaviorCard(OpenAIBaseModel):
     name: str
     num_heads: int
     prompt_format: str
-    alpha: float
+    alpha: float = Field(description="recommended FASB strength")
     threshold: float
     backtrack_tokens: int
+    iti_alpha: float | None = Field(None, description="recommended strength of `always` mode (ITI)")
     val_accuracy: float | None = None
     description: str | None = Field(None, description="what the probes watch for and what steering does")
     heldout_auroc: float | None = Field(None, description="the probes' AUROC on held-out answers (the build's)")

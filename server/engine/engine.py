@@ -190,7 +190,7 @@ class Engine:
         for artifact in artifacts:
             self._banks[artifact.behavior] = BehaviorBank(artifact, o_projs, layers)
             self._behavior_defaults[artifact.behavior] = BehaviorDefaults(
-                artifact.alpha, artifact.threshold, artifact.backtrack_tokens, artifact.num_heads
+                artifact.alpha, artifact.threshold, artifact.backtrack_tokens, artifact.num_heads, artifact.iti_alpha
             )
         unknown = [n for n in _behavior_names(s.default_behavior) or () if n not in self._banks]
         if unknown:
@@ -204,6 +204,7 @@ class Engine:
                 num_heads=bank.num_heads,
                 prompt_format=bank.artifact.prompt_format,
                 alpha=bank.artifact.alpha,
+                iti_alpha=bank.artifact.iti_alpha,
                 threshold=bank.artifact.threshold,
                 backtrack_tokens=bank.artifact.backtrack_tokens,
                 val_accuracy=float(bank.artifact.val_accuracy.mean()),

@@ -119,6 +119,7 @@ class BehaviorInfo:
     alpha: float
     threshold: float
     backtrack_tokens: int
+    iti_alpha: float | None = None  # the strength `always` mode uses
     val_accuracy: float | None = None
     description: str | None = None
     heldout_auroc: float | None = None  # the probes' ensemble on held-out answers

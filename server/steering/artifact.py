@@ -69,6 +69,12 @@ class SteeringArtifact:
         return float(self.manifest["recommended"]["alpha"])
 
     @property
+    def iti_alpha(self) -> float:
+        """The fixed strength of `always` (ITI): steering every token needs a weaker push than FASB's
+        few corrections (manifests without one: `alpha`)."""
+        return float(self.manifest["recommended"].get("iti_alpha", self.alpha))
+
+    @property
     def threshold(self) -> float:
         return float(self.manifest["recommended"]["threshold"])
 

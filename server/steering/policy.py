@@ -21,6 +21,7 @@ class BehaviorDefaults:
     threshold: float
     backtrack_tokens: int
     num_heads: int
+    iti_alpha: float | None = None  # `always` mode's strength (None: alpha)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def resolve_steering(
     `server` holds the server flags (None: use the artifact's recommendation); its `mode` is the
     default mode, "monitor" (scores only) unless the flags say otherwise (docs/steering.md).
     `behavior` may name several artifacts: each keeps its own recommended alpha and threshold unless
-    the request sets one for all; the check interval is the longest recommended one.
+    the request sets one for all; the check interval is the longest recommended one. In `always`
+    mode the recommended alpha is the artifact's ITI one.
     """
     asked = request or SteeringParams()
     mode = _pick(asked.mode, server.mode, "monitor")
@@ -88,7 +90,7 @@ def resolve_steering(
     names = _names(asked.behavior) or _names(server.behavior) or (next(iter(behaviors)),)
     if len(set(names)) != len(names):
         raise InvalidRequestError(f"steering.behavior names a behavior twice: {list(names)}", param="steering.behavior")
-    settings = tuple(_setting(name, asked, server, behaviors) for name in names)
+    settings = tuple(_setting(name, mode, asked, server, behaviors) for name in names)
     return SteeringConfig(
         mode=mode,
         behaviors=settings,
@@ -101,7 +103,7 @@ def resolve_steering(
     )
 
 
-def _setting(name: str, asked: SteeringParams, server: SteeringParams,
+def _setting(name: str, mode: SteeringMode, asked: SteeringParams, server: SteeringParams,
              behaviors: dict[str, BehaviorDefaults]) -> BehaviorSetting:
     if name not in behaviors:
         raise InvalidRequestError(
@@ -117,7 +119,7 @@ def _setting(name: str, asked: SteeringParams, server: SteeringParams,
         )
     return BehaviorSetting(
         name=name,
-        alpha=_pick(asked.alpha, server.alpha, artifact.alpha),
+        alpha=_pick(asked.alpha, server.alpha, artifact.iti_alpha if mode == "always" else None, artifact.alpha),
         threshold=_pick(asked.threshold, server.threshold, artifact.threshold),
         num_heads=num_heads,
     )
