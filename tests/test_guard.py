@@ -96,3 +96,29 @@ def test_prefixes_are_judged_on_their_own_text(tiny_model_dir):
     assert [p["prefix_tokens"] for p in pieces][:2] == [10, 20] and pieces[-1]["whole"]
     assert pieces[0]["label"] == 1 and pieces[-1]["label"] == 0  # calm at first, hostile by the end
     assert all(p["group"] == "g" and answer.startswith(p["answer"][:5]) for p in pieces)
+
+
+def _row(name, alpha, bad, changed=1.0, fixed=0.0, threshold=None):
+    mean = lambda x: {"mean": x, "low": x, "high": x}  # noqa: E731
+    return {"row": name, "alpha": alpha, "threshold": threshold, "inviting_bad": mean(bad),
+            "everyday_changed": mean(changed), "fixed_vs_off": mean(fixed)}
+
+
+@pytest.mark.parametrize("iti_bad, expected", [
+    ((0.45, 0.30, 0.20), 4.0),  # the weakest ITI that leaves as few unwanted answers as FASB
+    ((0.50, 0.40, 0.70), 4.0),  # none does: the ITI that leaves fewest, never FASB's own alpha
+    ((), 6.0),  # no ITI rows: the manifest's ITI strength stays
+])
+def test_recommended_iti_strength(tmp_path, iti_bad, expected):
+    from types import SimpleNamespace
+
+    from eval.guard.run import _write_recommended
+
+    manifest = {"behavior": "tone", "recommended": {"alpha": 16.0, "iti_alpha": 6.0}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    rows = [_row("fasb", 16.0, 0.33, changed=0.04, fixed=0.2, threshold=0.4), _row("fasb", 24.0, 0.3, changed=0.2)]
+    rows += [_row(f"always (ITI) a={a:g}", a, bad) for a, bad in zip((2.0, 4.0, 8.0), iti_bad)]
+    args = SimpleNamespace(max_changed=0.05, artifact=str(tmp_path), split="val")
+    _write_recommended(args, SimpleNamespace(artifact=SimpleNamespace(manifest=manifest)), rows, {}, 10)
+    recommended = json.loads((tmp_path / "manifest.json").read_text())["recommended"]
+    assert (recommended["alpha"], recommended["threshold"], recommended["iti_alpha"]) == (16.0, 0.4, expected)

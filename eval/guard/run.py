@@ -203,16 +203,23 @@ def run_guard(args) -> None:
 
 def _write_recommended(args, run: GuardRun, summaries: list[dict], quality: dict, backtrack: int) -> None:
     """The FASB row that fixes most inviting answers while changing at most --max-changed of the everyday
-    ones; ITI's alpha: the weakest that removes as much of the behaviour."""
+    ones; ITI's alpha: the weakest that leaves as few unwanted-or-looping inviting answers as that row,
+    else the one that leaves fewest (without ITI rows: the manifest's own, unchanged)."""
     fasb = [r for r in summaries if r["row"] == "fasb" and r["everyday_changed"]["mean"] <= args.max_changed]
     if not fasb:
         raise SystemExit(f"no FASB row changes at most {args.max_changed} of the everyday answers; nothing written")
     best = max(fasb, key=lambda r: (r["fixed_vs_off"]["mean"], r["threshold"]))
-    iti = [r for r in summaries if r["row"].startswith("always")
-           and r["inviting_bad"]["mean"] <= best["inviting_bad"]["mean"]]
+    iti = [r for r in summaries if r["row"].startswith("always")]
+    as_good = [r for r in iti if r["inviting_bad"]["mean"] <= best["inviting_bad"]["mean"]]
+    if as_good:
+        iti_alpha = min(r["alpha"] for r in as_good)
+    elif iti:
+        iti_alpha = min(iti, key=lambda r: (r["inviting_bad"]["mean"], r["alpha"]))["alpha"]
+    else:
+        iti_alpha = run.artifact.manifest["recommended"].get("iti_alpha", best["alpha"])
     values = {
         "alpha": best["alpha"], "threshold": best["threshold"], "backtrack_tokens": backtrack,
-        "iti_alpha": min((r["alpha"] for r in iti), default=best["alpha"]),
+        "iti_alpha": iti_alpha,
         "false_alarm_rate": best["everyday_changed"]["mean"],
         "chosen_by": (f"python -m eval {shlex.join(sys.argv[1:])}: the FASB row with the largest drop in "
                       f"unwanted-or-looping inviting answers vs off among those changing <= {args.max_changed} "
