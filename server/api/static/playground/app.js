@@ -134,10 +134,13 @@ function fillBehaviors() {
 // Empty steering fields mean "the server's default": show those defaults as placeholders.
 function showDefaults() {
   const card = currentBehavior();
-  for (const [id, field] of [["alpha", "alpha"], ["threshold", "threshold"], ["backtrack-tokens", "backtrack_tokens"]]) {
+  for (const [id, field] of [["threshold", "threshold"], ["backtrack-tokens", "backtrack_tokens"]]) {
     $(id).placeholder = card ? String(card[field]) : "";
   }
-  $("alpha-b").placeholder = $("alpha").value || $("alpha").placeholder;
+  // `always` (ITI) defaults to the artifact's ITI strength, the other modes to FASB's alpha.
+  const alphaFor = (mode) => (!card ? "" : String(mode === "always" && card.iti_alpha != null ? card.iti_alpha : card.alpha));
+  $("alpha").placeholder = alphaFor($("mode").value);
+  $("alpha-b").placeholder = $("alpha").value || alphaFor($("mode-b").value || $("mode").value);
   $("threshold-b").placeholder = $("threshold").value || $("threshold").placeholder;
   const threshold = effectiveThreshold("a");
   $("legend-tick").style.left = `${threshold * 100}%`;
@@ -545,6 +548,7 @@ function init() {
     document.body.classList.toggle("comparing", $("compare").checked);
   });
   for (const id of ["behavior", "alpha", "threshold", "threshold-b"]) $(id).addEventListener("input", showDefaults);
+  for (const id of ["mode", "mode-b"]) $(id).addEventListener("change", showDefaults);
   updateButtons();
   connect();
 }
