@@ -28,7 +28,7 @@ def join(model, cache, prompts, chunk_tokens=512):
     group = PrefillGroup([SimpleNamespace(prompt=p) for p in prompts], model.device, PAD)
     while not group.finished:
         group.run_chunk(model, None, chunk_tokens)
-    return cache.add_rows(group.cache, group.valid)
+    return cache.add_rows(group.layers(), group.valid)
 
 
 def step(model, cache, rows_cols, inputs):

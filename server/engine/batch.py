@@ -54,8 +54,11 @@ class Batch:
         self.runner.add_group(group)  # first: the group may hold views of the prefix cache
         if self.prefix_cache is not None:
             for r, seq in enumerate(group.seqs, len(self.rows)):  # now, so requests arriving while these run share it
-                if len(seq.prompt) - 1 >= self.prefix_cache.block_tokens:  # a block at least (none for one token)
-                    self.prefix_cache.insert(seq.prompt[:-1], self.runner.row_kv(r, len(seq.prompt) - 1))
+                context = len(seq.prompt) - 1
+                # a new block at least: none for one token, none for a prompt found whole (its lookup
+                # already made it the most recently used)
+                if context - seq.cached_tokens >= self.prefix_cache.block_tokens:
+                    self.prefix_cache.insert(seq.prompt[:-1], self.runner.row_kv(r, context))
         for seq in group.seqs:
             seq.length = len(seq.prompt) - 1  # the last prompt token is the first decode step's input
             seq.phase = Phase.DECODE

@@ -53,13 +53,14 @@ class PrefillGroup:
         self.input_ids, self.valid, self.positions = (
             t.to(device) for t in (self.input_ids, self.valid, self.positions)
         )
-        self.cache: DynamicCache | None = None
         # The cached prefix may be views of the prefix cache's pool (PrefixCache.read). They are
         # consumed in the scheduler iteration that made this group, before anything is inserted:
-        # by the first chunk (the cache's update concatenates them into new tensors), or, with
+        # by the first chunk (the forward's cache concatenates them into new tensors), or, with
         # nothing left to prefill, by joining the batch (the runner copies them into its cache).
-        if self.cached_width:
-            self.cache = cache_from(_cached_columns(prefix, hits, self.cached_width))
+        # A transformers cache is made only for a forward: a whole prompt found in the prefix
+        # cache goes from the pool to the runner with no cache object in between.
+        self._prefix: LayerKV = _cached_columns(prefix, hits, self.cached_width) if self.cached_width else []
+        self.cache: DynamicCache | None = None  # the forward's, from the first chunk on
         self.done = self.cached_width  # columns prefilled (or read from the prefix cache) so far
 
     @property
@@ -79,17 +80,29 @@ class PrefillGroup:
             input_ids=self.input_ids[:, start:end],
             position_ids=self.positions[:, start:end],
             attention_mask=self._mask(start, end),
-            **cache_kwarg(model, self.cache if self.cache is not None else DynamicCache()),
+            **cache_kwarg(model, self._forward_cache()),
             use_cache=True,
             logits_to_keep=1,  # prefill only fills the cache: skip the vocab projection
         )
-        self.cache = output_cache(model, out)
+        self.cache, self._prefix = output_cache(model, out), []
         self.done = end
+
+    def _forward_cache(self) -> DynamicCache:
+        if self.cache is not None:
+            return self.cache
+        return cache_from(self._prefix) if self._prefix else DynamicCache()
+
+    def layers(self) -> LayerKV:
+        """Per layer, the keys/values of the columns done so far ([n, kv_heads, done, D] each)."""
+        return cache_layers(self.cache) if self.cache is not None else self._prefix
 
     def row_kv(self, row: int) -> LayerKV:
         """Row `row`'s keys/values at its valid columns, in position order."""
-        layers = cache_layers(self.cache) if self.cache is not None else []
-        return select_columns(layers, row, self.valid[row].nonzero().squeeze(1).tolist())
+        return select_columns(self.layers(), row, self.valid[row].nonzero().squeeze(1).tolist())
+
+    def release(self) -> None:
+        """The runner holds the whole prompt now (prefilled in its own cache): drop the group's copy."""
+        self.cache, self._prefix, self.done = None, [], self.width
 
     def _mask(self, start: int, end: int) -> torch.Tensor:
         """[n, 1, end-start, end]: causal over real columns; a padding column sees only itself, so

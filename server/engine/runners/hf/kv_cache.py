@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from server.engine.hf_compat import cache_from, cache_layers
+from server.engine.prefix_cache import LayerKV
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -47,8 +48,8 @@ class BatchKVCache:
     def width(self) -> int:
         return self.valid.shape[1]
 
-    def add_rows(self, rows_cache: DynamicCache | None, rows_valid: torch.Tensor) -> tuple[list[list[int]], int]:
-        """Append prefilled rows: their own cache `[n, H, W, D]` per layer, with `rows_valid [n, W]`
+    def add_rows(self, rows_kv: LayerKV, rows_valid: torch.Tensor) -> tuple[list[list[int]], int]:
+        """Append prefilled rows: their keys/values `[n, H, W, D]` per layer, with `rows_valid [n, W]`
         marking real columns (right-aligned; a row's cached prefix and the rest may leave a hole).
 
         Returns each new row's columns (position order) and how far the existing rows' columns
@@ -57,7 +58,7 @@ class BatchKVCache:
         width = max(self.width, rows_valid.shape[1])
         shift = width - self.width if self.batch_size else 0
         old_kv = cache_layers(self.cache) if self.cache is not None else None
-        new_kv = cache_layers(rows_cache) if rows_cache is not None and rows_valid.shape[1] else None
+        new_kv = rows_kv if rows_valid.shape[1] else None
         if old_kv or new_kv:
             n_layers = len(old_kv or new_kv)
             self.cache = cache_from([

@@ -40,7 +40,7 @@ class HFRunner:
         group.run_chunk(self.model, self.taps, max_tokens)
 
     def add_group(self, group: PrefillGroup) -> None:
-        columns, shift = self.cache.add_rows(group.cache, group.valid)
+        columns, shift = self.cache.add_rows(group.layers(), group.valid)
         if shift:  # the batch was left-padded to the newcomers' width
             self.row_columns = [[c + shift for c in cols] for cols in self.row_columns]
         self.row_columns.extend(columns)

@@ -19,7 +19,6 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from server.engine.hf_compat import cache_layers
 from server.engine.prefix_cache import LayerKV
 from server.engine.quantize import QuantizedLinear
 from server.engine.runners.prefill import PrefillGroup, select_columns
@@ -86,11 +85,11 @@ class StaticRunner:
         slot = self._free.pop(0)
         self._reserved = (group, slot)
         self.cache.ensure_zeroed(group.width)  # before writing: zeroing later would erase these columns
-        if group.cache is not None and group.done:
-            self.cache.load_row(slot, select_columns(cache_layers(group.cache), 0, list(range(group.done))))
+        if group.done:
+            self.cache.load_row(slot, select_columns(group.layers(), 0, list(range(group.done))))
         if group.done < group.width:  # one row: its columns are its positions, no holes
             self.decoder.prefill(slot, group.input_ids[0, group.done :], group.done)
-        group.cache, group.done = None, group.width  # the prompt lives in the slot now
+        group.release()  # the prompt lives in the slot now
 
     def _release_reserved(self) -> None:
         if self._reserved is not None:
@@ -105,7 +104,7 @@ class StaticRunner:
         for r, n in enumerate(group.valid.sum(dim=1).tolist()):
             slot = self._free.pop(0)  # lowest free slot keeps the bucket small
             self.slots.append(slot)
-            if group.cache is not None and n:
+            if n:
                 self.cache.load_row(slot, group.row_kv(r))
 
     def remove_rows(self, keep: list[int]) -> None:
