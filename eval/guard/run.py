@@ -130,13 +130,20 @@ def summarize_row(name: str, run: GuardRun, answers: list[Answer], seconds: floa
     return {"summary": row, "records": records, "answers": answers, "undesired": undesired, "bad": bad}
 
 
+def answer_scores(answer: Answer, backtrack_tokens: int) -> tuple[float, float]:
+    """(score at the answer's last token, its lowest check score: checks start at the
+    `backtrack_tokens`-th token, or at the last one of a shorter answer); 1.0 without scores."""
+    if not answer.scores:
+        return 1.0, 1.0
+    return answer.scores[-1], min(answer.scores[backtrack_tokens - 1:] or answer.scores[-1:])
+
+
 def monitor_quality(run: GuardRun, monitored: list[Answer], off_undesired: list[bool], threshold: float,
                     backtrack_tokens: int) -> dict:
     """The probes' AUROC on the model's own held-out answers (judge labels), and how often the monitor
     would fire on the everyday ones at `threshold`."""
     desired = [not u for u in off_undesired]
-    last = [a.scores[-1] if a.scores else 1.0 for a in monitored]
-    checked = [min(a.scores[backtrack_tokens - 1:] or a.scores[-1:]) if a.scores else 1.0 for a in monitored]
+    last, checked = zip(*(answer_scores(a, backtrack_tokens) for a in monitored)) if monitored else ((), ())
     inviting, everyday = _kind(run.prompts, "inviting"), _kind(run.prompts, "everyday")
     return {
         "auroc_last_token": metrics.auroc_interval(last, desired),
@@ -169,6 +176,8 @@ def run_guard(args) -> None:
                                                         return_scores=True))
         off = summarize_row("off (monitored)", run, answers, seconds, None)
         quality = monitor_quality(run, answers, off["undesired"], threshold, backtrack)
+        for record, answer in zip(off["records"], answers):  # for analyses of subsets from the JSON
+            record["last_score"], record["lowest_check"] = answer_scores(answer, backtrack)
         rows = [off]
         for iti_alpha in args.iti_alphas:
             answers, seconds = run.answers(f"always a={iti_alpha:g}", _steering("always", name, alpha=iti_alpha))

@@ -7,10 +7,13 @@ sampled, labels every distinct answer with the behaviour's independent judge
 (`steering_artifacts/builder/judges.py`) and writes `answers.jsonl` beside the prompts: one line per
 answer with `group` = the prompt's topic, so the builder splits by topic and no topic is in two
 splits. It also writes `prefixes.jsonl`: every answer cut after 10, 20, 32 and 48 tokens and whole,
-each piece judged on its own text. The monitor judges an answer while it is being written, and an
-answer that turns hostile at its end was calm at its start: labelling the start with the end's
-verdict teaches the probes the prompt, not the tone. `python -m steering_artifacts build --dataset
-<prefixes.jsonl>` trains the probes on it (README of steering_artifacts/data/<behavior>).
+the positions where the monitor checks an answer while it is being written. Each piece is labelled
+with the whole answer's verdict (`--prefix-labels answer`, the default): a check asks "is this answer
+heading somewhere unwanted?", which is what FASB must know to back up in time. The piece's own
+verdict is kept beside it (`prefix_label`); `--prefix-labels own` trains on that instead. On the tone
+data, answer labels gave the monitor's lowest check a held-out AUROC of 0.76 against 0.73 with the
+pieces' own (within inviting prompts 0.76 against 0.71). `python -m steering_artifacts build
+--dataset <prefixes.jsonl>` trains the probes on it (README of steering_artifacts/data/<behavior>).
 """
 
 from __future__ import annotations
@@ -76,8 +79,10 @@ def label(behavior: str, answered: list[tuple[Prompt, str, str]]) -> list[dict]:
 PREFIX_CUTS = (10, 20, 32, 48)  # answer tokens; the monitor's checks start at the 10th
 
 
-def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_CUTS) -> list[dict]:
-    """Each answer cut after each of `cuts` tokens it is longer than, and whole; each piece judged anew."""
+def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_CUTS,
+                    labels: str = "answer") -> list[dict]:
+    """Each answer cut after each of `cuts` tokens it is longer than, and whole; each piece judged anew
+    (`prefix_label`) and labelled with its answer's verdict (`labels="answer"`) or its own (`"own"`)."""
     pieces = []
     for r in records:
         ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
@@ -87,7 +92,9 @@ def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_C
                 pieces.append({**r, "id": f"{r['id']}-t{n}", "answer": text, "prefix_tokens": n,
                                "whole": n == len(ids)})
     verdicts = judge_for(behavior).judge([p["answer"] for p in pieces])
-    return [{**p, "label": int(v.desired), "judge_score": round(v.score, 4)} for p, v in zip(pieces, verdicts)]
+    return [{**p, "label": p["label"] if labels == "answer" else int(v.desired),
+             "prefix_label": int(v.desired), "prefix_judge_score": round(v.score, 4)}
+            for p, v in zip(pieces, verdicts)]
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -127,7 +134,7 @@ def run(args) -> int:
         _write_jsonl(out, records)
         log.info("%d answers to %d prompts in %.0f s -> %s; undesired by kind: %s", len(records), len(prompts),
                  time.perf_counter() - start, out, json.dumps(summarize(records)))
-    pieces = prefix_examples(args.behavior, records, load_model(args.model).tokenizer)
+    pieces = prefix_examples(args.behavior, records, load_model(args.model).tokenizer, labels=args.prefix_labels)
     _write_jsonl(out.with_name("prefixes.jsonl"), pieces)
     log.info("%d judged prefixes -> %s (%d undesired)", len(pieces), out.with_name("prefixes.jsonl"),
              sum(1 - p["label"] for p in pieces))
@@ -148,5 +155,7 @@ def add_parser(commands) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--prefix-labels", choices=("answer", "own"), default="answer",
+                   help="label each prefix with its whole answer's verdict (default) or with its own")
     p.add_argument("--reuse-answers", action="store_true",
                    help="read the judged answers already in --out and only rewrite prefixes.jsonl beside them")
