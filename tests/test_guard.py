@@ -83,7 +83,7 @@ def test_shipped_tone_data_records_its_judge_labels():
     assert [r["label"] for r in relabelled] == [r["label"] for r in sample]
 
 
-def test_prefixes_carry_their_answers_verdict_and_their_own(tiny_model_dir):
+def test_prefixes_are_judged_on_their_own_text_or_carry_their_answers_verdict(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from steering_artifacts.builder.guard_data import prefix_examples
@@ -92,13 +92,13 @@ def test_prefixes_carry_their_answers_verdict_and_their_own(tiny_model_dir):
     answer = "Bees make honey in the summer and keep it for the long winter. " * 3 + "I hate this awful, horrible mess."
     record = {"id": "a-0", "group": "g", "prompt_id": "a", "kind": "inviting", "sample": "greedy", "question": "q",
               "answer": answer, "label": 0, "judge_score": -0.9}
-    pieces = prefix_examples("tone", [record], tokenizer, cuts=(10, 20))
+    pieces = prefix_examples("tone", [record], tokenizer, cuts=(10, 20), labels="own")
     assert [p["prefix_tokens"] for p in pieces][:2] == [10, 20] and pieces[-1]["whole"]
-    assert [p["label"] for p in pieces] == [0, 0, 0]  # each check learns where the answer is heading
-    assert pieces[0]["prefix_label"] == 1 and pieces[-1]["prefix_label"] == 0  # calm at first, hostile by the end
+    assert pieces[0]["label"] == 1 and pieces[-1]["label"] == 0  # calm at first, hostile by the end
     assert all(p["group"] == "g" and answer.startswith(p["answer"][:5]) for p in pieces)
-    own = prefix_examples("tone", [record], tokenizer, cuts=(10, 20), labels="own")
-    assert [p["label"] for p in own] == [p["prefix_label"] for p in pieces]
+    heading = prefix_examples("tone", [record], tokenizer, cuts=(10, 20))  # the default
+    assert [p["label"] for p in heading] == [0, 0, 0]  # each check learns where its answer ends up
+    assert [p["prefix_label"] for p in heading] == [p["label"] for p in pieces]
 
 
 def _row(name, alpha, bad, changed=1.0, fixed=0.0, threshold=None):

@@ -8,12 +8,14 @@ sampled, labels every distinct answer with the behaviour's independent judge
 answer with `group` = the prompt's topic, so the builder splits by topic and no topic is in two
 splits. It also writes `prefixes.jsonl`: every answer cut after 10, 20, 32 and 48 tokens and whole,
 the positions where the monitor checks an answer while it is being written. Each piece is labelled
-with the whole answer's verdict (`--prefix-labels answer`, the default): a check asks "is this answer
-heading somewhere unwanted?", which is what FASB must know to back up in time. The piece's own
-verdict is kept beside it (`prefix_label`); `--prefix-labels own` trains on that instead. On the tone
-data, answer labels gave the monitor's lowest check a held-out AUROC of 0.76 against 0.73 with the
-pieces' own (within inviting prompts 0.76 against 0.71). `python -m steering_artifacts build
---dataset <prefixes.jsonl>` trains the probes on it (README of steering_artifacts/data/<behavior>).
+with its whole answer's verdict (`--prefix-labels answer`, the default): a check must tell where the
+answer is heading, early enough for FASB to back up. Its own verdict is kept in `prefix_label`;
+`--prefix-labels own` trains on that instead (an answer that turns hostile at its end was calm at
+its start). On `tone`, answer labels raised the monitor's held-out AUROC (lowest check 0.81 to 0.84)
+and make it fire earlier, often at the first check, where FASB regenerates the whole answer: there
+a strong alpha drags answers off the prompt's topic, so the alpha is chosen again with them
+(eval/results/). `python -m steering_artifacts build --dataset <prefixes.jsonl>` trains the probes
+on it (README of steering_artifacts/data/<behavior>).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ PREFIX_CUTS = (10, 20, 32, 48)  # answer tokens; the monitor's checks start at t
 def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_CUTS,
                     labels: str = "answer") -> list[dict]:
     """Each answer cut after each of `cuts` tokens it is longer than, and whole; each piece judged anew
-    (`prefix_label`) and labelled with its answer's verdict (`labels="answer"`) or its own (`"own"`)."""
+    (`judge_score`) and labelled with its answer's verdict (`labels="answer"`; its own then in
+    `prefix_label`) or with its own (`"own"`)."""
     pieces = []
     for r in records:
         ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
@@ -92,9 +95,11 @@ def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_C
                 pieces.append({**r, "id": f"{r['id']}-t{n}", "answer": text, "prefix_tokens": n,
                                "whole": n == len(ids)})
     verdicts = judge_for(behavior).judge([p["answer"] for p in pieces])
-    return [{**p, "label": p["label"] if labels == "answer" else int(v.desired),
-             "prefix_label": int(v.desired), "prefix_judge_score": round(v.score, 4)}
-            for p, v in zip(pieces, verdicts)]
+    out = []
+    for p, v in zip(pieces, verdicts):
+        own = {"label": int(v.desired), "judge_score": round(v.score, 4)}
+        out.append({**p, **own} if labels == "own" else {**p, **own, "label": p["label"], "prefix_label": own["label"]})
+    return out
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
