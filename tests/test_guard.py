@@ -99,6 +99,8 @@ def test_prefixes_are_judged_on_their_own_text_or_carry_their_answers_verdict(ti
     heading = prefix_examples("tone", [record], tokenizer, cuts=(10, 20))  # the default
     assert [p["label"] for p in heading] == [0, 0, 0]  # each check learns where its answer ends up
     assert [p["prefix_label"] for p in heading] == [p["label"] for p in pieces]
+    with pytest.raises(ValueError, match="labels"):
+        prefix_examples("tone", [record], tokenizer, labels="prefix")
 
 
 def _row(name, alpha, bad, changed=1.0, fixed=0.0, threshold=None):

@@ -86,6 +86,8 @@ def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_C
     """Each answer cut after each of `cuts` tokens it is longer than, and whole; each piece judged anew
     (`judge_score`) and labelled with its answer's verdict (`labels="answer"`; its own then in
     `prefix_label`) or with its own (`"own"`)."""
+    if labels not in ("answer", "own"):
+        raise ValueError(f"labels must be 'answer' or 'own'; got {labels!r}")
     pieces = []
     for r in records:
         ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
@@ -98,7 +100,9 @@ def prefix_examples(behavior: str, records: list[dict], tokenizer, cuts=PREFIX_C
     out = []
     for p, v in zip(pieces, verdicts):
         own = {"label": int(v.desired), "judge_score": round(v.score, 4)}
-        out.append({**p, **own} if labels == "own" else {**p, **own, "label": p["label"], "prefix_label": own["label"]})
+        if labels == "answer":  # the piece carries its answer's label; its own verdict goes beside it
+            own = {**own, "label": p["label"], "prefix_label": own["label"]}
+        out.append({**p, **own})
     return out
 
 
