@@ -8,8 +8,9 @@ top token. Then each variant decodes greedily by itself, and the table says how 
 equal fp32's (summed over prompts). Variants: bf16 weights (a reference point), `--quantization
 int8` and `int4` (server/engine/quantize.py; int4 on our int4 x int8 kernel where the CPU has it,
 server/engine/cpu_kernels.py), int4 with `o_proj` in int4 too (what the static runner's step runs
-under int4: server/engine/runners/static/decode.py), int4 on torch's kernel (bf16 activations), and int4
-with an int4 LM head (why the head stays int8).
+under int4: server/engine/runners/static/decode.py), int4 on torch's kernels (bf16 activations; the
+LM head per-channel int8), int4 with the LM head per-channel int8 (what an AMX CPU runs) instead of
+Q8_0 on our kernel, and int4 with an int4 LM head (why the head stays int8).
 
     .venv/bin/python bench/bench_quant_quality.py                  # default model, ~3 min on 1 core
     .venv/bin/python bench/bench_quant_quality.py --tokens 24 --prompts 4   # smoke
@@ -35,7 +36,7 @@ from common import host_info, markdown_table  # noqa: E402
 from server.engine import quantize  # noqa: E402
 from server.engine.hf_compat import chat_token_ids  # noqa: E402
 from server.engine.loader import load_model  # noqa: E402
-from server.engine.quantize import Int4Linear, quantize_weights  # noqa: E402
+from server.engine.quantize import Int4Linear, Int8Linear, quantize_weights  # noqa: E402
 
 PROMPTS = [
     "What happens if you eat watermelon seeds?", "Who was the first president of the United States?",
@@ -53,12 +54,14 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
         return copy.deepcopy(base).to(torch.bfloat16)
     model = copy.deepcopy(base)
     if name == "int4, torch kernel":
-        with mock.patch.object(quantize, "int4_q8_available", lambda: False):
+        with mock.patch.object(quantize, "q8_kernels_available", lambda: False):
             quantize_weights(model, "int4")
         return model
     quantize_weights(model, name if name in ("int8", "int4") else "int4")
     if name == "int4, int4 head":
         model.set_output_embeddings(Int4Linear(base.get_output_embeddings()))
+    if name == "int4, per-channel int8 head":
+        model.set_output_embeddings(Int8Linear(base.get_output_embeddings()))
     if name == STATIC_INT4:
         for layer in model.get_decoder().layers:
             layer.self_attn.o_proj = Int4Linear(layer.self_attn.o_proj)
@@ -103,7 +106,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=["bf16", "int8", "int4", STATIC_INT4, "int4, torch kernel",
-                                                         "int4, int4 head"])
+                                                         "int4, per-channel int8 head", "int4, int4 head"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu", dtype="float32")

@@ -1,19 +1,19 @@
-"""Our int4 x int8 CPU kernel (server/engine/kernels/int4_q8_mm.cpp) against the same arithmetic in
-torch: activations split per group of 32 into two int8 parts (x ~ d * (254 * hi + lo)), integer
-products, the group scales applied after. Run where the CPU has AVX-512 VNNI (this project's
+"""Our int4 x int8 and int8 x int8 CPU kernels (server/engine/kernels/q8_mm.cpp) against the same
+arithmetic in torch: activations split per group of 32 into two int8 parts (x ~ d * (254 * hi + lo)),
+integer products, the group scales applied after. Run where the CPU has AVX-512 VNNI (this project's
 machines do); skipped elsewhere."""
 
 import pytest
 import torch
 
-from server.engine.cpu_kernels import int4_q8_available, int4_q8_layout, int4_q8_mm
+from server.engine.cpu_kernels import int4_q8_layout, int4_q8_mm, int8_q8_layout, int8_q8_mm, q8_kernels_available
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not int4_q8_available(), reason="needs AVX-512 VNNI and a C++ compiler")]
+              pytest.mark.skipif(not q8_kernels_available(), reason="needs AVX-512 VNNI and a C++ compiler")]
 
 
-def reference(x, codes, scale_min):
-    """The kernel's sum: w = q * scale + min; x as d * (254 * hi + lo) per group of 32."""
+def coded_activations(x):
+    """x [M, K] per group of 32 as d * a, a = 254 * hi + lo: returns a [M, G, 32] and d [M, G]."""
     m, k = x.shape
     groups = x.float().reshape(m, k // 32, 32)
     d = groups.abs().amax(dim=2, keepdim=True) / 127 / 254  # the low part's step
@@ -21,11 +21,18 @@ def reference(x, codes, scale_min):
     hi = (v / 254).round()  # round half to even, as the kernel
     lo = (v - hi * 254).round()
     assert hi.abs().max() <= 127 and lo.abs().max() <= 127  # both fit int8
-    a = (hi * 254 + lo).double()
+    return (hi * 254 + lo).double(), d.squeeze(2).double()
+
+
+def reference(x, codes, scale_min):
+    """The kernel's sum: w = q * scale + min; x as d * (254 * hi + lo) per group of 32."""
+    m, k = x.shape
+    groups = x.float().reshape(m, k // 32, 32)
+    a, d = coded_activations(x)
     scale, minimum = scale_min.double().unbind(2)  # [K/32, N] each
     q = codes.double().reshape(-1, k // 32, 32)  # [N, G, 32]
     integer = torch.einsum("mgt,ngt->mng", a, q)  # [M, N, G]
-    return (integer * d.double().squeeze(2)[:, None, :] * scale.T[None]).sum(-1) + groups.double().sum(2) @ minimum
+    return (integer * d[:, None, :] * scale.T[None]).sum(-1) + groups.double().sum(2) @ minimum
 
 
 def random_weights(n, k):
@@ -45,6 +52,25 @@ def test_kernel_computes_the_int8_activation_product(m, n, k):
     got = int4_q8_mm(x, *int4_q8_layout(codes, scale_min))
     assert got.shape == (m, n) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), reference(x, codes, scale_min), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (576, 576)])
+def test_int8_kernel_computes_the_int8_activation_product(m, n, k):
+    """Q8_0 weights (w = q * scale, q in -127..127): the offset the codes are stored with (+128) is
+    taken out exactly, extreme codes included."""
+    torch.manual_seed(m * n + k)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    codes[0, :32], codes[-1, -32:] = 127, -127
+    scale = (torch.rand(n, k // 32) * 0.02 + 0.001).to(torch.float16)
+    x = torch.randn(m, k)
+    x[0, :32] = 0
+    got = int8_q8_mm(x, *int8_q8_layout(codes, scale))
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    a, d = coded_activations(x)
+    integer = torch.einsum("mgt,ngt->mng", a, codes.double().reshape(n, k // 32, 32))
+    expected = (integer * d[:, None, :] * scale.double()[None]).sum(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_is_as_close_to_the_float_product_as_bf16_activations():
@@ -77,7 +103,7 @@ def test_int4_layer_on_our_kernel_matches_torchs(monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(576, 192, bias=True)
     ours = quantize.Int4Linear(linear)
-    monkeypatch.setattr(quantize, "int4_q8_available", lambda: False)
+    monkeypatch.setattr(quantize, "q8_kernels_available", lambda: False)
     theirs = quantize.Int4Linear(linear)
     assert ours.own_kernel and not theirs.own_kernel
     x = torch.randn(3, 576)
@@ -85,7 +111,7 @@ def test_int4_layer_on_our_kernel_matches_torchs(monkeypatch):
     torch.testing.assert_close(ours(x), x @ ours.dequantized(torch.float32).T + linear.bias, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("env", [{"FASB_INT4_KERNEL": "torch"}, {"CXX": "/bin/false"}])
+@pytest.mark.parametrize("env", [{"FASB_CPU_KERNELS": "torch"}, {"CXX": "/bin/false"}])
 def test_without_the_kernel_int4_falls_back_to_torchs(env, tmp_path):
     """Turned off, or no compiler to build it (an empty extension cache): torch's kernel, a warning, no error."""
     import os
@@ -99,4 +125,4 @@ def test_without_the_kernel_int4_falls_back_to_torchs(env, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "(2,", "32)"]
     if "CXX" in env:
-        assert "could not build the int4 x int8 CPU kernel" in done.stderr
+        assert "could not build our quantized CPU kernels" in done.stderr

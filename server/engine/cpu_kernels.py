@@ -1,18 +1,22 @@
-"""Our own CPU kernel, built on first use: int4 weights times int8-coded activations (`int4_q8_mm`).
+"""Our own CPU kernels, built on first use: int4 or int8 weights times int8-coded activations
+(`int4_q8_mm`, `int8_q8_mm`).
 
-`Int4Linear` (server/engine/quantize.py) runs its decode-step matmul on it when this CPU has
-AVX-512 VNNI and the kernel builds; otherwise on torch's packed int4 kernel. Why a kernel of our
-own: torch's (and inductor's) int4 kernels unpack every weight to a float and multiply in floats.
+`Int4Linear` and `Q8Linear` (server/engine/quantize.py) run their decode-step matmuls on them when
+this CPU has AVX-512 VNNI and the kernels build; otherwise int4 runs on torch's packed kernel and
+the LM head on torch's per-channel int8 one. Why kernels of our own: torch's (and inductor's) int4
+kernels unpack every weight to a float and multiply in floats, and its int8 one multiplies bf16
+activations in floats, ~3x slower than integer dot products from 8 rows up (the LM head at a
+batch of 8: 6.5 against 3.1 ms, docs/architecture.md "Quantized weights").
 This one writes each group of 32 activations as two int8 parts (~15 bits, finer than bf16) and
 multiplies 4 codes at a time with integer dot-product instructions, as llama.cpp does with one
 part. Inside the compiled step it gains little per step (the weights come from the L3 cache), but
 it spares inductor autotuning the int4 layers, so a cold start is much shorter, and it is no
 further from fp32: docs/architecture.md "Quantized weights" has the numbers.
 
-The source (kernels/int4_q8_mm.cpp) is compiled by torch's extension builder with the system C++
+The source (kernels/q8_mm.cpp) is compiled by torch's extension builder with the system C++
 compiler and ninja (~30 s, once; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions).
-It registers `torch.ops.fasb_kernels.int4_q8_mm`; the shape function below lets torch.compile put
-the call in its graph as one opaque op.
+It registers `torch.ops.fasb_kernels.int4_q8_mm` and `int8_q8_mm`; the shape functions below let
+torch.compile put each call in its graph as one opaque op.
 """
 
 from __future__ import annotations
@@ -26,47 +30,61 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "kernels" / "int4_q8_mm.cpp"
+_SOURCE = Path(__file__).parent / "kernels" / "q8_mm.cpp"
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # as _COMPILE_FLAGS targets
 _COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
 
-def _cpu_has_vnni() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False  # not Linux, or no flags line: do not guess
-    return set(_CPU_FLAGS) <= set(flags.split(":", 1)[1].split())
+        return frozenset()  # not Linux, or no flags line: do not guess
+    return frozenset(flags.split(":", 1)[1].split())
+
+
+def _cpu_has_vnni() -> bool:
+    return set(_CPU_FLAGS) <= _cpu_flags()
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's int8 tiles, which inductor's int8 GEMM kernels use where present."""
+    return {"amx_tile", "amx_int8"} <= _cpu_flags()
 
 
 @functools.cache
-def int4_q8_available() -> bool:
-    """Whether `torch.ops.fasb_kernels.int4_q8_mm` can run here (builds it the first time).
+def q8_kernels_available() -> bool:
+    """Whether `torch.ops.fasb_kernels` can run here (builds it the first time).
 
-    FASB_INT4_KERNEL=torch turns it off (torch's packed kernel instead), e.g. to compare the two.
+    FASB_CPU_KERNELS=torch turns ours off (torch's packed kernels instead), e.g. to compare them.
     """
-    if os.environ.get("FASB_INT4_KERNEL", "").lower() == "torch" or not _cpu_has_vnni():
+    if os.environ.get("FASB_CPU_KERNELS", "").lower() == "torch" or not _cpu_has_vnni():
         return False
     try:
         from torch.utils.cpp_extension import load
 
         load(name="fasb_kernels", sources=[str(_SOURCE)], extra_cflags=_COMPILE_FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
-    except Exception as exc:  # no compiler, no ninja: the torch kernel still works
-        log.warning("could not build the int4 x int8 CPU kernel (%s); int4 uses torch's kernel", exc)
+    except Exception as exc:  # no compiler, no ninja: torch's kernels still work
+        log.warning("could not build our quantized CPU kernels (%s); torch's run instead", exc)
         return False
 
     @torch.library.register_fake("fasb_kernels::int4_q8_mm")
     def _(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=torch.float32)
 
-    log.info("int4 layers run on our int4 x int8 VNNI kernel (server/engine/kernels/int4_q8_mm.cpp)")
+    @torch.library.register_fake("fasb_kernels::int8_q8_mm")
+    def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=torch.float32)
+
+    log.info("quantized layers run on our VNNI kernels (server/engine/kernels/q8_mm.cpp)")
     return True
 
 
 def int4_q8_layout(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes [N, K] uint8 (0..15), scale_min [K/32, N, 2] fp16 (w = q * scale + min) -> the kernel's
-    (packed, scale_min) (layouts: kernels/int4_q8_mm.cpp). N must be a multiple of 16, K of 32."""
+    (packed, scale_min) (layouts: kernels/q8_mm.cpp). N must be a multiple of 16, K of 32."""
     n, k = codes.shape
     steps = codes.reshape(n // 16, 16, k // 8, 2, 4)  # [block, row, k-step, low/high half, 4 codes]
     packed = (steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
@@ -77,3 +95,18 @@ def int4_q8_layout(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[torch.
 def int4_q8_mm(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) -> x @ W.T [M, N] in fp32."""
     return torch.ops.fasb_kernels.int4_q8_mm(x, packed, scale_min)
+
+
+def int8_q8_layout(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] int8 (-127..127), scale [N, K/32] fp16 (w = q * scale) -> the kernel's (packed,
+    scale) (layouts: kernels/q8_mm.cpp). N must be a multiple of 16, K of 32."""
+    n, k = codes.shape
+    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
+    packed = unsigned.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).reshape(n // 16, k // 4, 64)
+    blocked = scale.reshape(n // 16, 16, k // 32).permute(0, 2, 1)  # [block, group, row]
+    return packed.contiguous(), blocked.contiguous()
+
+
+def int8_q8_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) -> x @ W.T [M, N] in fp32."""
+    return torch.ops.fasb_kernels.int8_q8_mm(x, packed, scale)

@@ -4,7 +4,8 @@ Weight-only because a decode step reads every weight once, so on CPU its time fo
 bytes. int8: one scale per output channel. int4: GGUF's Q4_1 (fp16 scale and minimum per group of
 32), the default model's own format, so it gives the shipped weights back exactly. The model's
 `o_proj` stays as loaded (steering vectors and artifact fingerprints come from it); the LM head is
-int8 under both. How it works, and the measurements: docs/architecture.md "Quantized weights".
+int8 under both (Q8_0, as the default model ships it, where our CPU kernel runs; else per
+channel). How it works, and the measurements: docs/architecture.md "Quantized weights".
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.cpu_kernels import int4_q8_available, int4_q8_layout, int4_q8_mm
+from server.engine.cpu_kernels import (
+    cpu_has_amx,
+    int4_q8_layout,
+    int4_q8_mm,
+    int8_q8_layout,
+    int8_q8_mm,
+    q8_kernels_available,
+)
 from server.steering.layers import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -145,7 +153,7 @@ class Int4Linear(QuantizedLinear):
     def _store(self, codes: torch.Tensor, scale_min: torch.Tensor) -> None:
         # The decode kernel's own layout (ours on a CPU that has it, decided here, on the weights'
         # device), and the codes two per byte (with scale_min) for dequantizing and `concatenated`.
-        self.own_kernel = codes.device.type == "cpu" and int4_q8_available()
+        self.own_kernel = codes.device.type == "cpu" and q8_kernels_available()
         if self.own_kernel:
             packed, kernel_scale_min = int4_q8_layout(codes, scale_min)
             self.register_buffer("kernel_scale_min", kernel_scale_min)
@@ -196,6 +204,53 @@ class Int4Linear(QuantizedLinear):
         return (codes * scale[..., None] + minimum[..., None]).reshape(n, k).to(dtype)
 
 
+class Q8Linear(QuantizedLinear):
+    """int8 weights, symmetric, per group of `GROUP` input weights: w = q * scale, q in -127..127.
+
+    GGUF's Q8_0 with its fp16 scale, the format of the default model's embedding (tied to the LM
+    head), so its head is represented exactly. Only on our CPU kernel (`Q8Linear.available`): on a
+    CPU without AMX the LM head at a batch of 8 runs 6.5 -> 3.1 ms against inductor's kernel for
+    torch's per-channel int8 one, which stays the head elsewhere (on an AMX CPU, where it uses
+    AMX tiles, it was measured 3-8% faster per step than ours; docs/architecture.md).
+    """
+
+    GROUP = 32
+    kernel_max_rows = 24
+    own_kernel = True
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        n, k = self.out_features, self.in_features
+        groups = linear.weight.detach().float().reshape(n, k // self.GROUP, self.GROUP)
+        scale = (groups.abs().amax(dim=2) / 127).to(torch.float16).clamp(min=2**-24)  # [N, K/G], never 0
+        codes = (groups / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+        self.register_buffer("scale", scale)
+        packed, kernel_scale = int8_q8_layout(codes, scale)
+        self.register_buffer("packed", packed)
+        self.register_buffer("kernel_scale", kernel_scale)
+
+    @staticmethod
+    def available(linear: nn.Linear) -> bool:
+        """On a CPU with our kernel and without AMX, in shapes it takes, with scales inside fp16's range."""
+        return (linear.weight.device.type == "cpu" and linear.in_features % Q8Linear.GROUP == 0
+                and linear.out_features % 16 == 0 and bool(linear.weight.detach().abs().amax() < 6e4)
+                and not cpu_has_amx() and q8_kernels_available())
+
+    def codes(self) -> torch.Tensor:
+        """The codes [N, K], -127..127."""
+        n, k = self.out_features, self.in_features
+        unsigned = self.packed.reshape(n // 16, k // 4, 16, 4).permute(0, 2, 1, 3).reshape(n, k)
+        return (unsigned.to(torch.int16) - 128).to(torch.int8)
+
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_q8_mm(x, self.packed, self.kernel_scale)
+
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        codes = self.codes().float().reshape(n, k // self.GROUP, self.GROUP)
+        return (codes * self.scale.float()[..., None]).reshape(n, k).to(dtype)
+
+
 def _quantized(linear: nn.Module, method: str) -> nn.Module:
     if not isinstance(linear, nn.Linear):
         return linear
@@ -226,7 +281,8 @@ def quantize_weights(model: nn.Module, method: str) -> None:
         # A tied LM head gets its own quantized copy; the embedding keeps the original for lookups.
         # int8 even under int4: the head decides the next token among 49k and int4 moves it too
         # much (teacher-forced KL to fp32 on the default model: int4 head 0.050, int8 head 0.0012;
-        # the default model ships its embedding/head as Q8_0, groups of 32 int8).
-        model.set_output_embeddings(Int8Linear(model.get_output_embeddings()))
+        # the default model ships its embedding/head as Q8_0, groups of 32 int8, which Q8Linear keeps).
+        head = model.get_output_embeddings()
+        model.set_output_embeddings(Q8Linear(head) if Q8Linear.available(head) else Int8Linear(head))
     after = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     log.info("%s weights: %.0f MiB -> %.0f MiB resident in the model", method, before / 2**20, after / 2**20)

@@ -1,23 +1,32 @@
-// int4 weights x activations in two int8 parts, on AVX-512 VNNI: the decode-step matmul of
-// `Int4Linear` on CPU (server/engine/quantize.py; built and loaded by server/engine/cpu_kernels.py).
+// Quantized weights x activations in two int8 parts, on AVX-512 VNNI: the decode-step matmuls of
+// `Int4Linear` and `Q8Linear` on CPU (server/engine/quantize.py; built and loaded by
+// server/engine/cpu_kernels.py).
 //
-// y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / 32: GGUF's
-// Q4_1, scale and min in fp16 as there, so the default model's shipped weights are represented exactly.
-// Each group of 32 activations is written as x ~ d * (254 * hi + lo) with hi and lo int8
+// Activations: each group of 32 is written as x ~ d * (254 * hi + lo) with hi and lo int8
 // (d = max|x| / 127 / 254: ~15 bits per activation, finer than bf16's 8), so a group's product is
-// integer work for VPDPBUSD (unsigned codes times signed bytes, 4 at a time):
+// integer work for VPDPBUSD (unsigned bytes times signed bytes, 4 at a time). llama.cpp runs the same
+// weights with one int8 part (x ~ d * a): 2x less integer work, but on this model 2.6x torch's
+// teacher-forced KL to fp32; two parts are as close as bf16 activations.
+//
+// int4_q8_mm: y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = q[n, k] * scale[n, g] + min[n, g],
+// g = k / 32: GGUF's Q4_1, scale and min in fp16 as there, so the default model's shipped weights
+// are represented exactly:
 //   sum_k w x  ~  scale * d * sum q a + min * sum x,   a = 254 * hi + lo
-// (the min term uses the exact sum of x). llama.cpp runs the same Q4_1 weights with one int8 part
-// (x ~ d * a): 2x less integer work, but on this model 2.6x torch's teacher-forced KL to fp32;
-// two parts are as close as bf16 activations. Unpacking int4 to floats for every product, as torch's
+// (the min term uses the exact sum of x). Unpacking int4 to floats for every product, as torch's
 // and inductor's kernels do, is 2-3x slower per matmul in isolation; inside the decode step, where
 // the weights come from the L3 cache, the gain is 0-6% (docs/architecture.md "Quantized weights").
 //
+// int8_q8_mm: the same with w[n, k] = q[n, k] * scale[n, g], q in -127..127: GGUF's Q8_0 (the
+// default model's LM head). The codes are stored as q + 128 (unsigned, as VPDPBUSD's first operand
+// wants) and the offset is taken out in integers, exactly: sum q a = sum (q + 128) a - 128 sum a.
+//
 // The weights are laid out for 16 output rows at a time, so each 512-bit lane is one output row
 // and a group needs no horizontal sums:
-//   packed     [N/16, K/8, 64] uint8: rows 16b..16b+15, k-step j (k = 8j..8j+7): byte 4r+t holds
-//              code(16b+r, 8j+t) in its low nibble and code(16b+r, 8j+4+t) in its high one;
-//   scale_min  [N/16, K/32, 2, 16] fp16: per group, the 16 rows' scales, then their minimums.
+//   int4 packed     [N/16, K/8, 64] uint8: rows 16b..16b+15, k-step j (k = 8j..8j+7): byte 4r+t holds
+//                   code(16b+r, 8j+t) in its low nibble and code(16b+r, 8j+4+t) in its high one;
+//   int4 scale_min  [N/16, K/32, 2, 16] fp16: per group, the 16 rows' scales, then their minimums;
+//   int8 packed     [N/16, K/4, 64] uint8: k-step j (k = 4j..4j+3): byte 4r+t holds code(16b+r, 4j+t) + 128;
+//   int8 scale      [N/16, K/32, 16] fp16: per group, the 16 rows' scales.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -35,13 +44,14 @@ struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + 
   std::vector<int8_t> lo;  // [M, K]: the rounding error of hi, in steps of d
   std::vector<float> d;    // [M, G] scale of each group (the low part's step)
   std::vector<float> sum;  // [M, G] exact sum of each group's activations
+  std::vector<int32_t> codes_sum;  // [M, G] sum of each group's 254 * hi + lo
   int64_t K, G;
 };
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t G = K / 32;
   QuantizedRows q{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * G),
-                  std::vector<float>(M * G), K, G};
+                  std::vector<float>(M * G), std::vector<int32_t>(M * G), K, G};
   const __m512 sign = _mm512_set1_ps(-0.f), steps = _mm512_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t i = 0; i < M * G; ++i) {  // one group of 32 = two vectors of 16
@@ -49,15 +59,18 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
     const float step = amax / 127.f / kLowSteps;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 1.f / step : 0.f);
+    __m512 coded = _mm512_setzero_ps();  // 254 * hi + lo, exact in fp32 (|.| < 2^15 each, < 2^20 summed)
     for (int h = 0; h < 2; ++h) {
       const __m512 v = _mm512_mul_ps(h ? x1 : x0, inv);  // in steps of d: |v| <= 127 * 254
       const __m512 hi = _mm512_roundscale_ps(_mm512_div_ps(v, steps), kNearest);
       const __m512 lo = _mm512_roundscale_ps(_mm512_fnmadd_ps(hi, steps, v), kNearest);  // |lo| <= 127
+      coded = _mm512_add_ps(coded, _mm512_fmadd_ps(hi, steps, lo));
       _mm_storeu_si128((__m128i*)(q.hi.data() + i * 32 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(hi)));
       _mm_storeu_si128((__m128i*)(q.lo.data() + i * 32 + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(lo)));
     }
     q.d[i] = step;
     q.sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
+    q.codes_sum[i] = _mm512_reduce_add_epi32(_mm512_cvtps_epi32(coded));
   }
   return q;
 }
@@ -100,6 +113,36 @@ void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, in
   for (int r = 0; r < MB; ++r) _mm512_storeu_ps(out + (m + r) * N, acc[r]);
 }
 
+// The same for Q8_0 weights: a group's 8 k-steps are 8 loads, no unpacking; the offset of the
+// stored codes (+128) leaves the integer sum exactly.
+template <int MB>
+void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
+  __m512 acc[MB];
+  for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < x.G; ++g) {
+    __m512i codes[8];  // k-steps 0..7 of the group, 16 rows x 4 codes each
+    for (int j = 0; j < 8; ++j) codes[j] = _mm512_loadu_si512((const void*)(w + (g * 8 + j) * 64));
+    const __m512 scale = load_fp16x16(sc + g * 16);
+    for (int r = 0; r < MB; ++r) {
+      const int64_t rg = (m + r) * x.G + g;
+      const int32_t* hi4 = reinterpret_cast<const int32_t*>(x.hi.data() + rg * 32);
+      const int32_t* lo4 = reinterpret_cast<const int32_t*>(x.lo.data() + rg * 32);
+      __m512i hi[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+      __m512i lo[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (int t = 0; t < 8; ++t) {
+        hi[t & 1] = _mm512_dpbusd_epi32(hi[t & 1], codes[t], _mm512_set1_epi32(hi4[t]));
+        lo[t & 1] = _mm512_dpbusd_epi32(lo[t & 1], codes[t], _mm512_set1_epi32(lo4[t]));
+      }
+      // |254 * sum (q + 128) hi| <= 254 * 32 * 255 * 127, about 2^28; 128 * |codes_sum| < 2^28: inside int32
+      const __m512i with_offset = _mm512_add_epi32(
+          _mm512_mullo_epi32(_mm512_add_epi32(hi[0], hi[1]), _mm512_set1_epi32(254)), _mm512_add_epi32(lo[0], lo[1]));
+      const __m512i both = _mm512_sub_epi32(with_offset, _mm512_set1_epi32(128 * x.codes_sum[rg]));
+      acc[r] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(both), _mm512_set1_ps(x.d[rg])), acc[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) _mm512_storeu_ps(out + (m + r) * N, acc[r]);
+}
+
 at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, "int4_q8_mm: bad shapes");
   TORCH_CHECK(packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kHalf, "int4_q8_mm: bad dtypes");
@@ -126,12 +169,40 @@ at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::T
   return out;
 }
 
+at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, "int8_q8_mm: bad shapes");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf, "int8_q8_mm: bad dtypes");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), blocks = packed.size(0), N = blocks * 16;
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) == K / 4 && scale.numel() == N * (K / 32),
+              "int8_q8_mm: weights do not match K");
+  auto out = at::empty({M, N}, xf.options());
+  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K);
+  const auto packed_c = packed.contiguous(), scale_c = scale.contiguous();
+  const uint8_t* w = packed_c.data_ptr<uint8_t>();
+  const auto* sc = reinterpret_cast<const uint16_t*>(scale_c.data_ptr<at::Half>());
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = w + b * (K / 4) * 64;
+      const uint16_t* scb = sc + b * (K / 32) * 16;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block_rows_int8<4>(wb, scb, q, m, y + b * 16, N);
+      for (; m + 2 <= M; m += 2) block_rows_int8<2>(wb, scb, q, m, y + b * 16, N);
+      for (; m < M; ++m) block_rows_int8<1>(wb, scb, q, m, y + b * 16, N);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fasb_kernels, m) {
   m.def("int4_q8_mm(Tensor x, Tensor packed, Tensor scale_min) -> Tensor");
+  m.def("int8_q8_mm(Tensor x, Tensor packed, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fasb_kernels, CPU, m) {
   m.impl("int4_q8_mm", &int4_q8_mm);
+  m.impl("int8_q8_mm", &int8_q8_mm);
 }
