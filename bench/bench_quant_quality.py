@@ -54,7 +54,7 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
         return copy.deepcopy(base).to(torch.bfloat16)
     model = copy.deepcopy(base)
     if name == "int4, torch kernel":
-        with mock.patch.object(quantize, "q8_kernels_available", lambda: False):
+        with mock.patch.object(quantize, "own_kernels_available", lambda: False):
             quantize_weights(model, "int4")
         return model
     quantize_weights(model, name if name in ("int8", "int4") else "int4")

@@ -6,10 +6,11 @@ machines do); skipped elsewhere."""
 import pytest
 import torch
 
-from server.engine.cpu_kernels import int4_q8_layout, int4_q8_mm, int8_q8_layout, int8_q8_mm, q8_kernels_available
+from server.engine.cpu_kernels import (decode_attention, int4_q8_layout, int4_q8_mm, int8_q8_layout, int8_q8_mm,
+                                       own_kernels_available)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not q8_kernels_available(), reason="needs AVX-512 VNNI and a C++ compiler")]
+              pytest.mark.skipif(not own_kernels_available(), reason="needs AVX-512 VNNI and a C++ compiler")]
 
 
 def coded_activations(x):
@@ -103,7 +104,7 @@ def test_int4_layer_on_our_kernel_matches_torchs(monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(576, 192, bias=True)
     ours = quantize.Int4Linear(linear)
-    monkeypatch.setattr(quantize, "q8_kernels_available", lambda: False)
+    monkeypatch.setattr(quantize, "own_kernels_available", lambda: False)
     theirs = quantize.Int4Linear(linear)
     assert ours.own_kernel and not theirs.own_kernel
     x = torch.randn(3, 576)
@@ -126,3 +127,31 @@ def test_without_the_kernel_int4_falls_back_to_torchs(env, tmp_path):
     assert done.stdout.split() == ["False", "(2,", "32)"]
     if "CXX" in env:
         assert "could not build our quantized CPU kernels" in done.stderr
+
+
+@pytest.mark.parametrize(("rows", "kv_heads", "group", "head_dim"), [(1, 3, 3, 64), (5, 3, 3, 64), (4, 2, 4, 128),
+                                                                    (3, 4, 1, 16), (2, 1, 8, 32)])
+def test_decode_attention_matches_masked_sdpa(rows, kv_heads, group, head_dim):
+    """Each row attends over its own keys 0..length-1 of the cache, read in place (lengths 1, below
+    and above 16, and the cache's whole length), as SDPA does with a mask; as close to float64 as SDPA."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(rows * 100 + head_dim)
+    slots, max_len = rows + 2, 77
+    k_cache, v_cache = torch.randn(slots, kv_heads, max_len, head_dim), torch.randn(slots, kv_heads, max_len, head_dim)
+    q = torch.randn(rows, kv_heads, group, head_dim) * 2
+    lengths = torch.tensor([1, 16, 17, max_len, 40][:rows])
+    got = decode_attention(q, k_cache, v_cache, lengths, 0.125)
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
+    exact = F.scaled_dot_product_attention(q.double(), k_cache[:rows].double(), v_cache[:rows].double(), attn_mask=mask,
+                                           scale=0.125)
+    theirs = F.scaled_dot_product_attention(q, k_cache[:rows], v_cache[:rows], attn_mask=mask, scale=0.125)
+    assert got.shape == q.shape
+    ours_error, sdpa_error = (got.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+    assert ours_error < 1e-6 and ours_error < 4 * sdpa_error + 1e-7
+
+
+def test_decode_attention_refuses_a_length_outside_the_cache():
+    k_cache = torch.zeros(2, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="length outside the cache"):
+        decode_attention(torch.zeros(1, 1, 1, 16), k_cache, k_cache, torch.tensor([9]), 1.0)

@@ -1,5 +1,5 @@
 """Our own CPU kernels, built on first use: int4 or int8 weights times int8-coded activations
-(`int4_q8_mm`, `int8_q8_mm`).
+(`int4_q8_mm`, `int8_q8_mm`), and the decode step's attention (`decode_attention`).
 
 `Int4Linear` and `Q8Linear` (server/engine/quantize.py) run their decode-step matmuls on them when
 this CPU has AVX-512 VNNI and the kernels build; otherwise int4 runs on torch's packed kernel and
@@ -13,10 +13,14 @@ part. Inside the compiled step it gains little per step (the weights come from t
 it spares inductor autotuning the int4 layers, so a cold start is much shorter, and it is no
 further from fp32: docs/architecture.md "Quantized weights" has the numbers.
 
-The source (kernels/q8_mm.cpp) is compiled by torch's extension builder with the system C++
+The static runner's quantized step attends with `decode_attention` (kernels/decode_attention.cpp):
+torch's SDPA is a flash kernel for long query blocks, and a decode row's few queries per kv head
+made it a third of the int4 step at a batch of 8.
+
+The sources (kernels/*.cpp) are compiled by torch's extension builder with the system C++
 compiler and ninja (~30 s, once; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions).
-It registers `torch.ops.fasb_kernels.int4_q8_mm` and `int8_q8_mm`; the shape functions below let
-torch.compile put each call in its graph as one opaque op.
+They register `torch.ops.fasb_kernels.int4_q8_mm`, `int8_q8_mm` and `decode_attention`; the shape
+functions below let torch.compile put each call in its graph as one opaque op.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "kernels" / "q8_mm.cpp"
+_SOURCES = [Path(__file__).parent / "kernels" / name for name in ("q8_mm.cpp", "decode_attention.cpp")]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # as _COMPILE_FLAGS targets
 _COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
@@ -54,7 +58,7 @@ def cpu_has_amx() -> bool:
 
 
 @functools.cache
-def q8_kernels_available() -> bool:
+def own_kernels_available() -> bool:
     """Whether `torch.ops.fasb_kernels` can run here (builds it the first time).
 
     FASB_CPU_KERNELS=torch turns ours off (torch's packed kernels instead), e.g. to compare them.
@@ -64,8 +68,8 @@ def q8_kernels_available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="fasb_kernels", sources=[str(_SOURCE)], extra_cflags=_COMPILE_FLAGS, extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        load(name="fasb_kernels", sources=[str(path) for path in _SOURCES], extra_cflags=_COMPILE_FLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja: torch's kernels still work
         log.warning("could not build our quantized CPU kernels (%s); torch's run instead", exc)
         return False
@@ -78,7 +82,12 @@ def q8_kernels_available() -> bool:
     def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=torch.float32)
 
-    log.info("quantized layers run on our VNNI kernels (server/engine/kernels/q8_mm.cpp)")
+    @torch.library.register_fake("fasb_kernels::decode_attention")
+    def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+          scale: float) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    log.info("quantized layers run on our VNNI kernels (server/engine/kernels/)")
     return True
 
 
@@ -110,3 +119,21 @@ def int8_q8_layout(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tens
 def int8_q8_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) -> x @ W.T [M, N] in fp32."""
     return torch.ops.fasb_kernels.int8_q8_mm(x, packed, scale)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T) v per row over its keys 0..length-1, read from the cache in place.
+
+    q [S, KVH, G, D] fp32; k_cache, v_cache [slots >= S, KVH, L, D] fp32, contiguous; lengths [S].
+    Returns [S, KVH, G, D]. Takes D a multiple of 16 up to 256 and G up to 8 (`takes_attention`).
+    """
+    return torch.ops.fasb_kernels.decode_attention(q, k_cache, v_cache, lengths, scale)
+
+
+def takes_attention(cache: torch.Tensor, query_heads: int) -> bool:
+    """Whether `decode_attention` runs for this cache ([slots, KVH, L, D]) and query head count here."""
+    _, kv_heads, _, head_dim = cache.shape
+    group = query_heads // kv_heads
+    return (cache.device.type == "cpu" and cache.dtype == torch.float32 and cache.is_contiguous()
+            and head_dim % 16 == 0 and head_dim <= 256 and group <= 8 and own_kernels_available())

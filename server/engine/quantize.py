@@ -22,7 +22,7 @@ from server.engine.cpu_kernels import (
     int4_q8_mm,
     int8_q8_layout,
     int8_q8_mm,
-    q8_kernels_available,
+    own_kernels_available,
 )
 from server.steering.layers import decoder_layers
 
@@ -153,7 +153,7 @@ class Int4Linear(QuantizedLinear):
     def _store(self, codes: torch.Tensor, scale_min: torch.Tensor) -> None:
         # The decode kernel's own layout (ours on a CPU that has it, decided here, on the weights'
         # device), and the codes two per byte (with scale_min) for dequantizing and `concatenated`.
-        self.own_kernel = codes.device.type == "cpu" and q8_kernels_available()
+        self.own_kernel = codes.device.type == "cpu" and own_kernels_available()
         if self.own_kernel:
             packed, kernel_scale_min = int4_q8_layout(codes, scale_min)
             self.register_buffer("kernel_scale_min", kernel_scale_min)
@@ -234,7 +234,7 @@ class Q8Linear(QuantizedLinear):
         """On a CPU with our kernel and without AMX, in shapes it takes, with scales inside fp16's range."""
         return (linear.weight.device.type == "cpu" and linear.in_features % Q8Linear.GROUP == 0
                 and linear.out_features % 16 == 0 and bool(linear.weight.detach().abs().amax() < 6e4)
-                and not cpu_has_amx() and q8_kernels_available())
+                and not cpu_has_amx() and own_kernels_available())
 
     def codes(self) -> torch.Tensor:
         """The codes [N, K], -127..127."""

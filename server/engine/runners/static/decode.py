@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.cpu_kernels import decode_attention, takes_attention
 from server.engine.quantize import Int4Linear, QuantizedLinear
 from server.engine.runners.static.cache import StaticKVCache
 
@@ -98,12 +99,13 @@ class FusedProjections(nn.Module):
 
 def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callable, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, steer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor, steer: torch.Tensor, own_attention: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per row.
 
     x: [S, 1, hidden]; cos, sin: [S, 1, D]; positions: [S]; mask: [S, 1, 1, T]; steer: [S, hidden];
     k_cache, v_cache: this layer's [slots, KVH, max_len, D] (written at each row's position);
-    fused: the layer's fused projections, or None to run its own.
+    fused: the layer's fused projections, or None to run its own; own_attention: attend with our
+    CPU kernel (each row over its own keys, no mask) instead of SDPA.
     Returns x after the layer and the o_proj input [S, H*D] (the head activations).
     """
     attn = layer.self_attn
@@ -118,12 +120,15 @@ def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callabl
     rows = torch.arange(S, device=x.device)
     k_cache[rows, :, positions] = k[:, :, 0]  # row b writes at its own position
     v_cache[rows, :, positions] = v[:, :, 0]
-    T = mask.shape[-1]
-    keys, values = k_cache[:S, :, :T], v_cache[:S, :, :T]  # [S, KVH, T, D]
     # GQA without repeating keys: query head h uses kv head h // G, so the G query heads of a kv
     # head become G query positions of one attention over that head's keys.
     q = q.reshape(S, kv_heads, heads // kv_heads, D)  # [S, KVH, G, D]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+    if own_attention:
+        out = decode_attention(q, k_cache, v_cache, positions + 1, attn.scaling)
+    else:
+        T = mask.shape[-1]
+        keys, values = k_cache[:S, :, :T], v_cache[:S, :, :T]  # [S, KVH, T, D]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
     head_acts = out.reshape(S, heads * D)  # head h = kv * G + g, as o_proj expects
     # .forward, not attn.o_proj(...): o_proj's tap hooks belong to the hf runner
     o_proj = fused.o_proj if fused is not None else attn.o_proj
@@ -186,6 +191,9 @@ class StaticDecoder(nn.Module):
         self._plan = [(layer, self.fused[str(i)] if str(i) in self.fused else None, cache.layer(i), tap_slot.get(i))
                       for i, layer in enumerate(self.layers)]
         config = model.config
+        # Our attention kernel where the weights are quantized (there SDPA's small calls were a third
+        # of the step at a batch of 8); fp32 keeps SDPA, whose tokens are held equal to the hf runner's.
+        self.own_attention = bool(self.fused) and takes_attention(cache.layer(0)[0], config.num_attention_heads)
         self.kv_groups = config.num_attention_heads // config.num_key_value_heads
         self.act_width = config.num_attention_heads * (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -201,7 +209,8 @@ class StaticDecoder(nn.Module):
         captured = []
         for layer, fused, (k_cache, v_cache), slot in self._plan:
             layer_steer = unsteered if slot is None else steer[:, slot]
-            x, acts = decode_layer(layer, fused, self.rope, k_cache, v_cache, x, cos, sin, positions, mask, layer_steer)
+            x, acts = decode_layer(layer, fused, self.rope, k_cache, v_cache, x, cos, sin, positions, mask, layer_steer,
+                                   self.own_attention)
             if slot is not None:
                 captured.append(acts)
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
