@@ -6,8 +6,14 @@ machines do); skipped elsewhere."""
 import pytest
 import torch
 
-from server.engine.cpu_kernels import (decode_attention, int4_q8_layout, int4_q8_mm, int8_q8_layout, int8_q8_mm,
-                                       own_kernels_available)
+from server.engine.cpu_kernels import (
+    decode_attention,
+    int4_q8_layout,
+    int4_q8_mm,
+    int8_q8_layout,
+    int8_q8_mm,
+    own_kernels_available,
+)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not own_kernels_available(), reason="needs AVX-512 VNNI and a C++ compiler")]
