@@ -231,7 +231,8 @@ def _cpu_inductor_options(model: torch.nn.Module) -> dict:
     generated C++, not Python: ~1 ms less per step); with weights on torch's quantized kernels, also
     max-autotune over inductor's C++ GEMM templates and ATen's, keeping the faster per layer shape
     (ATen stays a candidate because templates do not take every shape). Not for fp32 or our own
-    kernels (int4, and the Q8_0 head). The measurements behind each choice: docs/architecture.md "Numbers behind the CPU step".
+    kernels (int4, and the Q8_0 head). The measurements behind each choice: docs/architecture.md
+    "Numbers behind the CPU step".
     """
     options = {"freezing": True, "cpp_wrapper": True}
     if any(isinstance(module, QuantizedLinear) and not module.own_kernel for module in model.modules()):
