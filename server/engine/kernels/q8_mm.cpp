@@ -143,56 +143,61 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
   for (int r = 0; r < MB; ++r) _mm512_storeu_ps(out + (m + r) * N, acc[r]);
 }
 
-at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min) {
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, "int4_q8_mm: bad shapes");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kHalf, "int4_q8_mm: bad dtypes");
+// What differs between the two weight formats, for the shared driver below.
+struct Int4Format {
+  static constexpr int kCodesPerStep = 8;  // a 64-byte k-step holds 8 codes per row
+  static constexpr int kScalesPerRow = 2;  // per group: scale and minimum
+  template <int MB>
+  static void rows(const uint8_t* w, const uint16_t* s, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
+    block_rows<MB>(w, s, x, m, out, N);
+  }
+};
+
+struct Int8Format {
+  static constexpr int kCodesPerStep = 4;
+  static constexpr int kScalesPerRow = 1;
+  template <int MB>
+  static void rows(const uint8_t* w, const uint16_t* s, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
+    block_rows_int8<MB>(w, s, x, m, out, N);
+  }
+};
+
+// Codes the activations once, then each thread takes whole blocks of 16 output rows, activation rows
+// in blocks of 4, 2 and 1.
+template <class Format>
+at::Tensor quantized_mm(const char* name, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, name, ": bad shapes");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf, name, ": bad dtypes");
   const auto xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1), blocks = packed.size(0), N = blocks * 16;
-  TORCH_CHECK(K % 32 == 0 && packed.size(1) == K / 8 && scale_min.numel() == N * (K / 32) * 2,
-              "int4_q8_mm: weights do not match K");
+  const int64_t steps = K / Format::kCodesPerStep, block_scales = (K / 32) * 16 * Format::kScalesPerRow;
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) == steps && scales.numel() == blocks * block_scales, name,
+              ": weights do not match K");
   auto out = at::empty({M, N}, xf.options());
   const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K);
-  const auto packed_c = packed.contiguous(), scale_min_c = scale_min.contiguous();
+  const auto packed_c = packed.contiguous(), scales_c = scales.contiguous();
   const uint8_t* w = packed_c.data_ptr<uint8_t>();
-  const auto* sm = reinterpret_cast<const uint16_t*>(scale_min_c.data_ptr<at::Half>());
+  const auto* sc = reinterpret_cast<const uint16_t*>(scales_c.data_ptr<at::Half>());
   float* y = out.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = w + b * (K / 8) * 64;
-      const uint16_t* smb = sm + b * (K / 32) * 32;
+      const uint8_t* wb = w + b * steps * 64;
+      const uint16_t* sb = sc + b * block_scales;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_rows<4>(wb, smb, q, m, y + b * 16, N);
-      for (; m + 2 <= M; m += 2) block_rows<2>(wb, smb, q, m, y + b * 16, N);
-      for (; m < M; ++m) block_rows<1>(wb, smb, q, m, y + b * 16, N);
+      for (; m + 4 <= M; m += 4) Format::template rows<4>(wb, sb, q, m, y + b * 16, N);
+      for (; m + 2 <= M; m += 2) Format::template rows<2>(wb, sb, q, m, y + b * 16, N);
+      for (; m < M; ++m) Format::template rows<1>(wb, sb, q, m, y + b * 16, N);
     }
   });
   return out;
 }
 
+at::Tensor int4_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min) {
+  return quantized_mm<Int4Format>("int4_q8_mm", x, packed, scale_min);
+}
+
 at::Tensor int8_q8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, "int8_q8_mm: bad shapes");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf, "int8_q8_mm: bad dtypes");
-  const auto xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1), blocks = packed.size(0), N = blocks * 16;
-  TORCH_CHECK(K % 32 == 0 && packed.size(1) == K / 4 && scale.numel() == N * (K / 32),
-              "int8_q8_mm: weights do not match K");
-  auto out = at::empty({M, N}, xf.options());
-  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K);
-  const auto packed_c = packed.contiguous(), scale_c = scale.contiguous();
-  const uint8_t* w = packed_c.data_ptr<uint8_t>();
-  const auto* sc = reinterpret_cast<const uint16_t*>(scale_c.data_ptr<at::Half>());
-  float* y = out.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = w + b * (K / 4) * 64;
-      const uint16_t* scb = sc + b * (K / 32) * 16;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_rows_int8<4>(wb, scb, q, m, y + b * 16, N);
-      for (; m + 2 <= M; m += 2) block_rows_int8<2>(wb, scb, q, m, y + b * 16, N);
-      for (; m < M; ++m) block_rows_int8<1>(wb, scb, q, m, y + b * 16, N);
-    }
-  });
-  return out;
+  return quantized_mm<Int8Format>("int8_q8_mm", x, packed, scale);
 }
 
 }  // namespace

@@ -99,13 +99,14 @@ class FusedProjections(nn.Module):
 
 def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callable, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, steer: torch.Tensor, own_attention: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor, steer: torch.Tensor,
+                 lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per row.
 
     x: [S, 1, hidden]; cos, sin: [S, 1, D]; positions: [S]; mask: [S, 1, 1, T]; steer: [S, hidden];
     k_cache, v_cache: this layer's [slots, KVH, max_len, D] (written at each row's position);
-    fused: the layer's fused projections, or None to run its own; own_attention: attend with our
-    CPU kernel (each row over its own keys, no mask) instead of SDPA.
+    fused: the layer's fused projections, or None to run its own; lengths: positions + 1 to attend
+    with our CPU kernel (each row over its own keys, no mask), or None for SDPA over the mask.
     Returns x after the layer and the o_proj input [S, H*D] (the head activations).
     """
     attn = layer.self_attn
@@ -123,8 +124,8 @@ def decode_layer(layer: nn.Module, fused: FusedProjections | None, rope: Callabl
     # GQA without repeating keys: query head h uses kv head h // G, so the G query heads of a kv
     # head become G query positions of one attention over that head's keys.
     q = q.reshape(S, kv_heads, heads // kv_heads, D)  # [S, KVH, G, D]
-    if own_attention:
-        out = decode_attention(q, k_cache, v_cache, positions + 1, attn.scaling)
+    if lengths is not None:
+        out = decode_attention(q, k_cache, v_cache, lengths, attn.scaling)
     else:
         T = mask.shape[-1]
         keys, values = k_cache[:S, :, :T], v_cache[:S, :, :T]  # [S, KVH, T, D]
@@ -207,10 +208,11 @@ class StaticDecoder(nn.Module):
         mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [S, 1, 1, T]: a row sees its past
         unsteered = x.new_zeros(x.shape[0], x.shape[2])  # [S, hidden]
         captured = []
+        lengths = positions + 1 if self.own_attention else None
         for layer, fused, (k_cache, v_cache), slot in self._plan:
             layer_steer = unsteered if slot is None else steer[:, slot]
             x, acts = decode_layer(layer, fused, self.rope, k_cache, v_cache, x, cos, sin, positions, mask, layer_steer,
-                                   self.own_attention)
+                                   lengths)
             if slot is not None:
                 captured.append(acts)
         logits = self.lm_head(self.norm(x))[:, 0]  # [S, V]
