@@ -272,7 +272,11 @@ def cpu_name() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     extensions = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{name} [{', '.join(extensions) or 'no AVX-512 VNNI/AMX'}]"
+    if not extensions:
+        extensions = ["AVX2 only" if "avx2" in flags else "no AVX2"]
+    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model\t")), "?")
+    return f"{name} family {family} model {model} [{', '.join(extensions)}]"
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -1,7 +1,8 @@
 """Our int4 x int8 and int8 x int8 CPU kernels (server/engine/kernels/q8_mm.cpp) against the same
 arithmetic in torch: activations split per group of 32 into two int8 parts (x ~ d * (254 * hi + lo)),
-integer products, the group scales applied after. Run where the CPU has AVX-512 VNNI (this project's
-machines do); skipped elsewhere."""
+integer products, the group scales applied after; decode attention against SDPA. They run on the
+build this CPU takes (AVX-512 VNNI or AVX2); on an AVX-512 CPU the AVX2 build is checked too, in a
+subprocess. Skipped where neither runs."""
 
 import pytest
 import torch
@@ -12,11 +13,12 @@ from server.engine.cpu_kernels import (
     int4_q8_mm,
     int8_q8_layout,
     int8_q8_mm,
+    kernel_isa,
     own_kernels_available,
 )
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not own_kernels_available(), reason="needs AVX-512 VNNI and a C++ compiler")]
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_kernels = pytest.mark.skipif(not own_kernels_available(), reason="needs AVX-512 VNNI or AVX2, and a C++ compiler")
 
 
 def coded_activations(x):
@@ -49,6 +51,7 @@ def random_weights(n, k):
     return codes, torch.stack([scale, minimum], dim=2)
 
 
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])  # the kernel handles rows in blocks of 4, 2 and 1
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (576, 576)])
 def test_kernel_computes_the_int8_activation_product(m, n, k):
@@ -61,6 +64,7 @@ def test_kernel_computes_the_int8_activation_product(m, n, k):
     torch.testing.assert_close(got.double(), reference(x, codes, scale_min), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (576, 576)])
 def test_int8_kernel_computes_the_int8_activation_product(m, n, k):
@@ -80,6 +84,7 @@ def test_int8_kernel_computes_the_int8_activation_product(m, n, k):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_kernel_is_as_close_to_the_float_product_as_bf16_activations():
     """Two int8 parts carry ~15 bits of each activation, more than bf16's 8: the product is closer to
     the fp32 one than torch's kernel on bf16 activations (the previous int4 path) gets."""
@@ -95,6 +100,7 @@ def test_kernel_is_as_close_to_the_float_product_as_bf16_activations():
     assert (bf16_activations - exact).norm() / exact.norm() > 1e-3  # measured 1.7e-3
 
 
+@needs_kernels
 def test_kernel_takes_bf16_activations():
     codes, scale_min = random_weights(32, 64)
     x = torch.randn(2, 64)
@@ -102,6 +108,7 @@ def test_kernel_takes_bf16_activations():
     torch.testing.assert_close(int4_q8_mm(x.bfloat16(), *packed), int4_q8_mm(x.bfloat16().float(), *packed))
 
 
+@needs_kernels
 def test_int4_layer_on_our_kernel_matches_torchs(monkeypatch):
     from torch import nn
 
@@ -135,6 +142,7 @@ def test_without_the_kernel_int4_falls_back_to_torchs(env, tmp_path):
         assert "could not build our quantized CPU kernels" in done.stderr
 
 
+@needs_kernels
 @pytest.mark.parametrize(("rows", "kv_heads", "group", "head_dim"), [(1, 3, 3, 64), (5, 3, 3, 64), (4, 2, 4, 128),
                                                                     (3, 4, 1, 16), (2, 1, 8, 32)])
 def test_decode_attention_matches_masked_sdpa(rows, kv_heads, group, head_dim):
@@ -157,7 +165,37 @@ def test_decode_attention_matches_masked_sdpa(rows, kv_heads, group, head_dim):
     assert ours_error < 1e-6 and ours_error < 4 * sdpa_error + 1e-7
 
 
+@needs_kernels
 def test_decode_attention_refuses_a_length_outside_the_cache():
     k_cache = torch.zeros(2, 1, 8, 16)
     with pytest.raises(RuntimeError, match="length outside the cache"):
         decode_attention(torch.zeros(1, 1, 1, 16), k_cache, k_cache, torch.tensor([9]), 1.0)
+
+
+def test_each_cpu_takes_the_best_build_it_runs(monkeypatch, caplog):
+    from server.engine import cpu_kernels
+
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c"}
+    cases = [(avx512, "", "avx512"), (avx512, "avx2", "avx2"), (avx512, "torch", None), (avx512, "TORCH", None),
+             ({"avx2", "fma", "f16c"}, "", "avx2"), ({"avx2", "fma", "f16c"}, "avx512", None),
+             ({"avx2", "fma"}, "", None), (set(), "", None), (avx512, "neon", "avx512")]
+    for flags, env, expected in cases:
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setenv("FASB_CPU_KERNELS", env)
+        assert kernel_isa() == expected, (flags, env)
+    assert "FASB_CPU_KERNELS=neon is none of" in caplog.text
+
+
+@pytest.mark.skipif(kernel_isa() != "avx512", reason="checks the AVX2 build on a CPU that also runs the AVX-512 one")
+def test_the_avx2_build_passes_the_same_checks():
+    """The op namespace is registered once per process, so the other build runs these tests in a child."""
+    import os
+    import subprocess
+    import sys
+
+    kernel_tests = "not avx2_build and not best_build and not falls_back"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           kernel_tests],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "FASB_CPU_KERNELS": "avx2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]

@@ -51,7 +51,7 @@ def test_int4_gives_back_q4_1_weights_exactly():
     assert (Int8Linear(linear).dequantized().float() - linear.weight).abs().max() > 0  # int8 rounds them
 
 
-@pytest.mark.skipif(not Q8Linear.available(nn.Linear(64, 64)), reason="needs our CPU kernel (AVX-512 VNNI)")
+@pytest.mark.skipif(not Q8Linear.available(nn.Linear(64, 64)), reason="needs our CPU kernel (AVX-512 VNNI or AVX2)")
 def test_q8_gives_back_q8_0_weights_exactly_and_multiplies_them():
     """The default model's LM head is Q8_0 blocks (w = d * q, q in -127..127 per group of 32, d fp16):
     Q8Linear keeps them unchanged, and its kernel's product is the fp32 one within the activations'

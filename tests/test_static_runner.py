@@ -260,7 +260,7 @@ def test_a_step_dynamo_ran_uncompiled_is_run_again_and_no_collection_runs_inside
 def test_cpu_compile_autotunes_matmuls_only_for_torchs_quantized_kernels(tiny_model_dir):
     # Inductor's GEMM templates compete with torch's quantized kernels (int8 layers; the per-channel
     # int8 head); fp32 is not autotuned, nor int4 where every quantized layer is on our kernels (the
-    # Q8_0 head included: a CPU with VNNI and without AMX).
+    # Q8_0 head included: a CPU with our kernels and without AMX).
     model = load_model(str(tiny_model_dir)).model
     assert _cpu_inductor_options(model) == {"freezing": True, "cpp_wrapper": True}
     int8 = load_model(str(tiny_model_dir)).model

@@ -2,8 +2,11 @@
 (`int4_q8_mm`, `int8_q8_mm`), and the decode step's attention (`decode_attention`).
 
 `Int4Linear` and `Q8Linear` (server/engine/quantize.py) run their decode-step matmuls on them when
-this CPU has AVX-512 VNNI and the kernels build; otherwise int4 runs on torch's packed kernel and
-the LM head on torch's per-channel int8 one. Why kernels of our own: torch's (and inductor's) int4
+this CPU has AVX-512 VNNI, or AVX2 with FMA and F16C (one build per instruction set, the best the
+CPU runs: `kernel_isa`), and the kernels build; otherwise int4 runs on torch's packed kernel and
+the LM head on torch's per-channel int8 one. On an AVX2-only CPU (AMD Zen 3) ours made the whole
+int4 step 1.44x / 1.45x / 1.58x faster at a batch of 1 / 8 / 16, the same tokens
+(bench/results/2026-12-07.md). Why kernels of our own: torch's (and inductor's) int4
 kernels unpack every weight to a float and multiply in floats, and its int8 one multiplies bf16
 activations in floats, ~3x slower than integer dot products from 8 rows up (the LM head at a
 batch of 8: 6.5 against 3.1 ms, docs/architecture.md "Quantized weights").
@@ -18,7 +21,8 @@ torch's SDPA is a flash kernel for long query blocks, and a decode row's few que
 made it a third of the int4 step at a batch of 8.
 
 The sources (kernels/*.cpp) are compiled by torch's extension builder with the system C++
-compiler and ninja (~30 s, once; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions).
+compiler and ninja (~30 s, once per instruction set; cached under TORCH_EXTENSIONS_DIR,
+~/.cache/torch_extensions).
 They register `torch.ops.fasb_kernels.int4_q8_mm`, `int8_q8_mm` and `decode_attention`; the shape
 functions below let torch.compile put each call in its graph as one opaque op.
 """
@@ -35,8 +39,13 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "kernels" / name for name in ("q8_mm.cpp", "decode_attention.cpp")]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")  # as _COMPILE_FLAGS targets
-_COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
+# One build per instruction set, best first: the CPU flags it needs, and the compiler flags that
+# target them (the sources pick their code path from the macros these define).
+_BUILDS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+}
 
 
 @functools.cache
@@ -48,28 +57,37 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(flags.split(":", 1)[1].split())
 
 
-def _cpu_has_vnni() -> bool:
-    return set(_CPU_FLAGS) <= _cpu_flags()
-
-
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX's int8 tiles, which inductor's int8 GEMM kernels use where present."""
     return {"amx_tile", "amx_int8"} <= _cpu_flags()
 
 
+def kernel_isa() -> str | None:
+    """The instruction set our kernels are built for on this CPU: the best it has, or the one
+    FASB_CPU_KERNELS names (`avx2` on an AVX-512 CPU, e.g. to test that build); None where none
+    runs, or with FASB_CPU_KERNELS=torch (torch's kernels instead, e.g. to compare them)."""
+    choice = os.environ.get("FASB_CPU_KERNELS", "").lower()
+    if choice == "torch":
+        return None
+    if choice and choice not in _BUILDS:
+        log.warning("FASB_CPU_KERNELS=%s is none of torch, %s; using the best this CPU runs", choice,
+                    ", ".join(_BUILDS))
+    candidates = [choice] if choice in _BUILDS else list(_BUILDS)
+    return next((isa for isa in candidates if set(_BUILDS[isa][0]) <= _cpu_flags()), None)
+
+
 @functools.cache
 def own_kernels_available() -> bool:
-    """Whether `torch.ops.fasb_kernels` can run here (builds it the first time).
-
-    FASB_CPU_KERNELS=torch turns ours off (torch's packed kernels instead), e.g. to compare them.
-    """
-    if os.environ.get("FASB_CPU_KERNELS", "").lower() == "torch" or not _cpu_has_vnni():
+    """Whether `torch.ops.fasb_kernels` can run here (builds it the first time)."""
+    isa = kernel_isa()
+    if isa is None:
         return False
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="fasb_kernels", sources=[str(path) for path in _SOURCES], extra_cflags=_COMPILE_FLAGS,
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        load(name=f"fasb_kernels_{isa}", sources=[str(path) for path in _SOURCES],
+             extra_cflags=["-O3", "-fopenmp", *_BUILDS[isa][1]], extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
     except Exception as exc:  # no compiler, no ninja: torch's kernels still work
         log.warning("could not build our quantized CPU kernels (%s); torch's run instead", exc)
         return False
@@ -87,7 +105,7 @@ def own_kernels_available() -> bool:
           scale: float) -> torch.Tensor:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    log.info("quantized layers run on our VNNI kernels (server/engine/kernels/)")
+    log.info("quantized layers run on our %s kernels (server/engine/kernels/)", isa.upper())
     return True
 
 

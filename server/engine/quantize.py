@@ -130,7 +130,7 @@ class Int4Linear(QuantizedLinear):
 
     GGUF's Q4_1, with its fp16 scale and min, so a weight that came from a Q4_1 file (the default
     model's, server/engine/loader.py) is represented exactly: the codes and both fp16 numbers come
-    back as they were. Our CPU kernel reads them so; torch's int4 kernels (CPU without VNNI, CUDA)
+    back as they were. Our CPU kernel reads them so; torch's int4 kernels (CPU without our kernel, CUDA)
     take w = (q - 8) * scale + zero in bf16, derived from these and rounded (~3 significant digits).
     """
 

@@ -1,10 +1,11 @@
-// Quantized weights x activations in two int8 parts, on AVX-512 VNNI: the decode-step matmuls of
-// `Int4Linear` and `Q8Linear` on CPU (server/engine/quantize.py; built and loaded by
-// server/engine/cpu_kernels.py).
+// Quantized weights x activations in two int8 parts: the decode-step matmuls of `Int4Linear` and
+// `Q8Linear` on CPU (server/engine/quantize.py; built and loaded by server/engine/cpu_kernels.py),
+// for AVX-512 VNNI or, built with other flags, AVX2 (the same arithmetic on 8 lanes: below).
 //
 // Activations: each group of 32 is written as x ~ d * (254 * hi + lo) with hi and lo int8
 // (d = max|x| / 127 / 254: ~15 bits per activation, finer than bf16's 8), so a group's product is
-// integer work for VPDPBUSD (unsigned bytes times signed bytes, 4 at a time). llama.cpp runs the same
+// integer work for VPDPBUSD (unsigned bytes times signed bytes, 4 at a time; on AVX2 VPMADDUBSW then
+// VPMADDWD). llama.cpp runs the same
 // weights with one int8 part (x ~ d * a): 2x less integer work, but on this model 2.6x torch's
 // teacher-forced KL to fp32; two parts are as close as bf16 activations.
 //
@@ -47,6 +48,8 @@ struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + 
   std::vector<int32_t> codes_sum;  // [M, G] sum of each group's 254 * hi + lo
   int64_t K, G;
 };
+
+#if defined(__AVX512VNNI__)
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t G = K / 32;
@@ -142,6 +145,141 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
   }
   for (int r = 0; r < MB; ++r) _mm512_storeu_ps(out + (m + r) * N, acc[r]);
 }
+
+#else
+// AVX2, FMA and F16C (e.g. AMD Zen 2/3): the same numbers, 8 lanes wide. A 64-byte k-step holds
+// two halves of 8 output rows each, taken one after the other. VPMADDUBSW multiplies unsigned by
+// signed bytes into saturating int16 pairs, so each use below is bounded to stay exact.
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline int32_t sum8_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 32 int32 (each inside -127..127) in four vectors -> 32 int8 in the same order: the packs work per
+// 128-bit lane, the permute puts the 4-byte pieces back in order.
+inline __m256i to_bytes(const __m256i v[4]) {
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t G = K / 32;
+  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * G),
+                  std::vector<float>(M * G), std::vector<int32_t>(M * G), K, G};
+  const __m256 sign = _mm256_set1_ps(-0.f), steps = _mm256_set1_ps(kLowSteps);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t i = 0; i < M * G; ++i) {  // one group of 32 = four vectors of 8
+    __m256 xs[4];
+    for (int h = 0; h < 4; ++h) xs[h] = _mm256_loadu_ps(x + i * 32 + 8 * h);
+    const float amax = max8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, xs[0]), _mm256_andnot_ps(sign, xs[1])),
+                                          _mm256_max_ps(_mm256_andnot_ps(sign, xs[2]), _mm256_andnot_ps(sign, xs[3]))));
+    const float step = amax / 127.f / kLowSteps;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 1.f / step : 0.f);
+    __m256 coded = _mm256_setzero_ps();
+    __m256i hi_codes[4], lo_codes[4];
+    for (int h = 0; h < 4; ++h) {
+      const __m256 v = _mm256_mul_ps(xs[h], inv);
+      const __m256 hi = _mm256_round_ps(_mm256_div_ps(v, steps), kNearest);
+      const __m256 lo = _mm256_round_ps(_mm256_fnmadd_ps(hi, steps, v), kNearest);
+      coded = _mm256_add_ps(coded, _mm256_fmadd_ps(hi, steps, lo));
+      hi_codes[h] = _mm256_cvtps_epi32(hi);
+      lo_codes[h] = _mm256_cvtps_epi32(lo);
+    }
+    _mm256_storeu_si256((__m256i*)(q.hi.data() + i * 32), to_bytes(hi_codes));
+    _mm256_storeu_si256((__m256i*)(q.lo.data() + i * 32), to_bytes(lo_codes));
+    q.d[i] = step;
+    q.sum[i] = sum8(_mm256_add_ps(_mm256_add_ps(xs[0], xs[1]), _mm256_add_ps(xs[2], xs[3])));
+    q.codes_sum[i] = sum8_epi32(_mm256_cvtps_epi32(coded));
+  }
+  return q;
+}
+
+inline __m256 load_fp16x8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+template <int MB>
+void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {  // output rows 8 * half .. 8 * half + 7
+    __m256 acc[MB];
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < x.G; ++g) {
+      __m256i codes[8];
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (g * 4 + j) * 64 + 32 * half));
+        codes[2 * j] = _mm256_and_si256(v, low4);
+        codes[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      const __m256 scale = load_fp16x8(sm + g * 32 + 8 * half), minimum = load_fp16x8(sm + g * 32 + 16 + 8 * half);
+      for (int r = 0; r < MB; ++r) {
+        const int64_t rg = (m + r) * x.G + g;
+        const int32_t* hi4 = reinterpret_cast<const int32_t*>(x.hi.data() + rg * 32);
+        const int32_t* lo4 = reinterpret_cast<const int32_t*>(x.lo.data() + rg * 32);
+        // a group's int16 pair sums stay exact: 8 steps x 2 products x 15 x 127 = 30480 < 2^15
+        __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+        for (int t = 0; t < 8; ++t) {
+          hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(codes[t], _mm256_set1_epi32(hi4[t])));
+          lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(codes[t], _mm256_set1_epi32(lo4[t])));
+        }
+        const __m256i both = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_madd_epi16(hi, ones), _mm256_set1_epi32(254)),
+                                              _mm256_madd_epi16(lo, ones));
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(both), _mm256_set1_ps(x.d[rg]));
+        acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(x.sum[rg]), _mm256_fmadd_ps(scale, dot, acc[r]));
+      }
+    }
+    for (int r = 0; r < MB; ++r) _mm256_storeu_ps(out + (m + r) * N + 8 * half, acc[r]);
+  }
+}
+
+// Q8_0: VPMADDUBSW's unsigned operand would be q + 128 (up to 255), whose pair sums overflow int16,
+// so it takes |q| and the activation with q's sign instead (pairs <= 2 x 127 x 127 < 2^15).
+template <int MB>
+void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
+  const __m256i offset = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[MB];
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < x.G; ++g) {
+      __m256i signs[8], magnitudes[8];  // q (the stored q + 128 less its offset) and |q|
+      for (int j = 0; j < 8; ++j) {
+        signs[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + (g * 8 + j) * 64 + 32 * half)), offset);
+        magnitudes[j] = _mm256_abs_epi8(signs[j]);
+      }
+      const __m256 scale = load_fp16x8(sc + g * 16 + 8 * half);
+      for (int r = 0; r < MB; ++r) {
+        const int64_t rg = (m + r) * x.G + g;
+        const int32_t* hi4 = reinterpret_cast<const int32_t*>(x.hi.data() + rg * 32);
+        const int32_t* lo4 = reinterpret_cast<const int32_t*>(x.lo.data() + rg * 32);
+        __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+        for (int t = 0; t < 8; ++t) {
+          const __m256i hi_signed = _mm256_sign_epi8(_mm256_set1_epi32(hi4[t]), signs[t]);
+          const __m256i lo_signed = _mm256_sign_epi8(_mm256_set1_epi32(lo4[t]), signs[t]);
+          hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes[t], hi_signed), ones));
+          lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes[t], lo_signed), ones));
+        }
+        const __m256i both = _mm256_add_epi32(_mm256_mullo_epi32(hi, _mm256_set1_epi32(254)), lo);
+        acc[r] = _mm256_fmadd_ps(scale, _mm256_mul_ps(_mm256_cvtepi32_ps(both), _mm256_set1_ps(x.d[rg])), acc[r]);
+      }
+    }
+    for (int r = 0; r < MB; ++r) _mm256_storeu_ps(out + (m + r) * N + 8 * half, acc[r]);
+  }
+}
+
+#endif
 
 // What differs between the two weight formats, for the shared driver below.
 struct Int4Format {
