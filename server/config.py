@@ -50,8 +50,8 @@ class Settings(BaseSettings):
         "which steering reads, stays as loaded; the LM head is int8 under both). int4 is Q4_1 (groups of 32, "
         "fp16 scale and min), the default model's own format, exact on it; on other models plain round-to-nearest "
         "(check with bench/bench_quant_quality.py). On CPU int4 runs our kernel where the CPU has AVX-512 VNNI "
-        "or AVX2 (built on first use; FASB_CPU_KERNELS=torch turns it off, =avx2 picks that build). int8: one scale per output channel. "
-        "See docs/architecture.md"
+        "or AVX2 (built on first use; FASB_CPU_KERNELS=torch turns it off, =avx2 picks that build). "
+        "int8: one scale per output channel. See docs/architecture.md"
     )
 
     # http

@@ -12,7 +12,14 @@ from torch import nn
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loader import load_model
-from server.engine.quantize import Int4Linear, Int8Linear, Q8Linear, quantize_weights
+from server.engine.quantize import (
+    Int4Linear,
+    Int8Linear,
+    Q8Linear,
+    QuantizedLinear,
+    prompt_gemm_dtype,
+    quantize_weights,
+)
 from server.engine.types import SteeringParams
 from server.steering.artifact import model_fingerprint
 from tests.engine_helpers import collect
@@ -132,6 +139,22 @@ def test_prompt_rows_dequantize_the_weights_once(cls):
     kept = layer._gemm_weight
     assert kept is not None and torch.equal(kept, layer.dequantized())
     assert torch.equal(layer(x), first) and layer._gemm_weight is kept
+
+
+def test_prompt_gemms_run_in_the_dtype_measured_fastest_here(tiny_model_dir):
+    """bf16 where this CPU runs it clearly faster (AMX), else fp32 (AVX2 converts bf16 in software):
+    every quantized layer of the model takes the one choice, its kept weight is in it, and in fp32 the
+    prompt rows are the dequantized weight's product."""
+    model = load_model(str(tiny_model_dir)).model
+    quantize_weights(model, "int4")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and {m.prompt_dtype for m in layers} == {prompt_gemm_dtype()}
+    layer = next(m for m in layers if isinstance(m, Int4Linear))
+    layer.prompt_dtype = torch.float32
+    x = torch.randn(layer.kernel_max_rows + 8, layer.in_features)
+    expected = x @ layer.dequantized(torch.float32).T + (0 if layer.bias is None else layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer._gemm_weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

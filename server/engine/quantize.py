@@ -10,7 +10,9 @@ channel). How it works, and the measurements: docs/architecture.md "Quantized we
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,8 @@ class QuantizedLinear(nn.Module):
 
     kernel_max_rows: int  # up to this many rows the packed kernel runs; above, dequantize + GEMM
     own_kernel = False  # whether the packed matmul is our kernel (nothing for inductor to tune)
-    _gemm_weight: torch.Tensor | None = None  # bf16, made by the first CPU call above kernel_max_rows
+    prompt_dtype = torch.bfloat16  # the prompt GEMM's; quantize_weights sets it per CPU (prompt_gemm_dtype)
+    _gemm_weight: torch.Tensor | None = None  # in prompt_dtype, made by the first CPU call above kernel_max_rows
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -52,16 +55,16 @@ class QuantizedLinear(nn.Module):
         if flat.shape[0] <= self.kernel_max_rows:
             out = self.packed_matmul(flat)
         else:
-            out = F.linear(flat.to(torch.bfloat16), self._prompt_weight())
+            out = F.linear(flat.to(self.prompt_dtype), self._prompt_weight())
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def _prompt_weight(self) -> torch.Tensor:
-        """The bf16 weight for a prompt's GEMM: kept on CPU (see the module docstring); on CUDA,
-        where dequantizing is cheap and memory is what int4 saves, made per call."""
+        """The weight for a prompt's GEMM: kept on CPU (see the module docstring); on CUDA, where
+        dequantizing is cheap and memory is what int4 saves, made per call."""
         if self._gemm_weight is not None:
             return self._gemm_weight
-        weight = self.dequantized()
+        weight = self.dequantized(self.prompt_dtype)
         if weight.device.type == "cpu":
             self._gemm_weight = weight
         return weight
@@ -71,7 +74,7 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The weight [N, K] (bf16 for the prefill's GEMM)."""
+        """The weight [N, K] (in prompt_dtype for the prefill's GEMM)."""
         raise NotImplementedError
 
     @classmethod
@@ -82,6 +85,7 @@ class QuantizedLinear(nn.Module):
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
         fused.bias = None
+        fused.prompt_dtype = parts[0].prompt_dtype
         some_bias = next((p.bias for p in parts if p.bias is not None), None)
         if some_bias is not None:  # Qwen2's q/k/v have biases
             biases = [p.bias if p.bias is not None else some_bias.new_zeros(p.out_features) for p in parts]
@@ -251,6 +255,31 @@ class Q8Linear(QuantizedLinear):
         return (codes * self.scale.float()[..., None]).reshape(n, k).to(dtype)
 
 
+@functools.cache
+def prompt_gemm_dtype() -> torch.dtype:
+    """The CPU prompt GEMM's dtype: bf16 where this CPU runs it clearly faster than fp32 (AMX tiles:
+    ~4x), fp32 elsewhere (AVX2 alone converts bf16 in software: 5-9x slower than fp32 on a Zen 3).
+    Timed once per process on a prompt-sized layer, not guessed from CPU flags; a near tie keeps
+    fp32 (closer to the weights, and the choice must not flip between starts)."""
+    x, w = torch.randn(128, 576), torch.randn(1536, 576)
+
+    def fastest(dtype: torch.dtype) -> float:
+        a, b = x.to(dtype), w.to(dtype)
+        F.linear(a, b)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            F.linear(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    bf16, fp32 = fastest(torch.bfloat16), fastest(torch.float32)
+    dtype = torch.bfloat16 if bf16 < 0.8 * fp32 else torch.float32
+    log.info("prompt GEMMs of quantized layers in %s (128 x 576 x 1536: bf16 %.2f ms, fp32 %.2f ms)",
+             str(dtype).removeprefix("torch."), bf16 * 1e3, fp32 * 1e3)
+    return dtype
+
+
 def _quantized(linear: nn.Module, method: str) -> nn.Module:
     if not isinstance(linear, nn.Linear):
         return linear
@@ -284,5 +313,10 @@ def quantize_weights(model: nn.Module, method: str) -> None:
         # 0.0013, Q8_0 head 0.0001: the default model ships its embedding/head as Q8_0, which Q8Linear keeps).
         head = model.get_output_embeddings()
         model.set_output_embeddings(Q8Linear(head) if Q8Linear.available(head) else Int8Linear(head))
+    if model.device.type == "cpu":
+        dtype = prompt_gemm_dtype()
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.prompt_dtype = dtype
     after = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     log.info("%s weights: %.0f MiB -> %.0f MiB resident in the model", method, before / 2**20, after / 2**20)
