@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from server.engine.batch import Batch
+from server.engine.batch import Batch, finite_rows
 from server.engine.sequence import Phase
 
 
@@ -38,3 +38,13 @@ def test_a_row_cancelled_while_the_batch_removes_finished_rows_is_returned_or_ke
     # Either way is right, as long as it is one: gone from the batch and returned (to be retired), or kept.
     assert (flaky in removed) != (flaky in batch.rows)
     assert finished in removed and finished not in batch.rows
+
+
+def test_rows_with_a_nan_or_an_inf_anywhere_are_not_finite():
+    logits = torch.randn(6, 50) * 30
+    logits[1, 7] = float("nan")
+    logits[2, 0] = float("inf")
+    logits[3, 49] = float("-inf")
+    logits[4, 3], logits[4, 9] = float("inf"), float("-inf")
+    assert finite_rows(logits).tolist() == [True, False, False, False, False, True]
+    assert finite_rows(logits).tolist() == torch.isfinite(logits).all(dim=-1).tolist()
