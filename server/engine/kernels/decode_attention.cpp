@@ -1,5 +1,6 @@
-// Decode-step attention on AVX-512 or AVX2 (by the build's flags): each row's G query heads per kv head over that kv head's keys
-// 0..length-1, read from the static cache in place (server/engine/runners/static/decode.py).
+// Decode-step attention on AVX-512 or AVX2 (whichever the build's flags target): each row's G query
+// heads per kv head over that kv head's keys 0..length-1, read from the static cache in place
+// (server/engine/runners/static/decode.py).
 //
 // Why our own: torch's CPU SDPA is a flash kernel for long query blocks; a decode row has G (here
 // 3) queries per kv head, so each (row, kv head) became two tiny MKL GEMMs plus a softmax, and at a

@@ -5,9 +5,8 @@
 // Activations: each group of 32 is written as x ~ d * (254 * hi + lo) with hi and lo int8
 // (d = max|x| / 127 / 254: ~15 bits per activation, finer than bf16's 8), so a group's product is
 // integer work for VPDPBUSD (unsigned bytes times signed bytes, 4 at a time; on AVX2 VPMADDUBSW then
-// VPMADDWD). llama.cpp runs the same
-// weights with one int8 part (x ~ d * a): 2x less integer work, but on this model 2.6x torch's
-// teacher-forced KL to fp32; two parts are as close as bf16 activations.
+// VPMADDWD). llama.cpp runs the same weights with one int8 part (x ~ d * a): 2x less integer work,
+// but on this model 2.6x torch's teacher-forced KL to fp32; two parts are as close as bf16 activations.
 //
 // int4_q8_mm: y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = q[n, k] * scale[n, g] + min[n, g],
 // g = k / 32: GGUF's Q4_1, scale and min in fp16 as there, so the default model's shipped weights
