@@ -261,7 +261,8 @@ def prompt_gemm_dtype() -> torch.dtype:
     ~4x), fp32 elsewhere (AVX2 alone converts bf16 in software: 5-9x slower than fp32 on a Zen 3).
     Timed once per process on a prompt-sized layer, not guessed from CPU flags; a near tie keeps
     fp32 (closer to the weights, and the choice must not flip between starts)."""
-    x, w = torch.randn(128, 576), torch.randn(1536, 576)
+    generator = torch.Generator().manual_seed(0)  # leaves the global RNG as it was
+    x, w = torch.randn(128, 576, generator=generator), torch.randn(1536, 576, generator=generator)
 
     def fastest(dtype: torch.dtype) -> float:
         a, b = x.to(dtype), w.to(dtype)
