@@ -44,16 +44,18 @@ struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + 
   std::vector<int8_t> lo;  // [M, K]: the rounding error of hi, in steps of d
   std::vector<float> d;    // [M, G] scale of each group (the low part's step)
   std::vector<float> sum;  // [M, G] exact sum of each group's activations
-  std::vector<int32_t> codes_sum;  // [M, G] sum of each group's 254 * hi + lo
+  std::vector<int32_t> codes_sum;  // [M, G] sum of each group's 254 * hi + lo (AVX-512's Q8_0 offset)
   int64_t K, G;
+
+  QuantizedRows(int64_t M, int64_t K_)
+      : hi(M * K_), lo(M * K_), d(M * (K_ / 32)), sum(M * (K_ / 32)), codes_sum(M * (K_ / 32)), K(K_), G(K_ / 32) {}
 };
 
 #if defined(__AVX512VNNI__)
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  const int64_t G = K / 32;
-  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * G),
-                  std::vector<float>(M * G), std::vector<int32_t>(M * G), K, G};
+  QuantizedRows q(M, K);
+  const int64_t G = q.G;
   const __m512 sign = _mm512_set1_ps(-0.f), steps = _mm512_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t i = 0; i < M * G; ++i) {  // one group of 32 = two vectors of 16
@@ -162,13 +164,6 @@ inline float max8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-inline int32_t sum8_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
-
 // 32 int32 (each inside -127..127) in four vectors -> 32 int8 in the same order: the packs work per
 // 128-bit lane, the permute puts the 4-byte pieces back in order.
 inline __m256i to_bytes(const __m256i v[4]) {
@@ -177,9 +172,8 @@ inline __m256i to_bytes(const __m256i v[4]) {
 }
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  const int64_t G = K / 32;
-  QuantizedRows q{std::vector<int8_t>(M * K), std::vector<int8_t>(M * K), std::vector<float>(M * G),
-                  std::vector<float>(M * G), std::vector<int32_t>(M * G), K, G};
+  QuantizedRows q(M, K);
+  const int64_t G = q.G;
   const __m256 sign = _mm256_set1_ps(-0.f), steps = _mm256_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t i = 0; i < M * G; ++i) {  // one group of 32 = four vectors of 8
@@ -189,13 +183,11 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
                                           _mm256_max_ps(_mm256_andnot_ps(sign, xs[2]), _mm256_andnot_ps(sign, xs[3]))));
     const float step = amax / 127.f / kLowSteps;
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? 1.f / step : 0.f);
-    __m256 coded = _mm256_setzero_ps();
-    __m256i hi_codes[4], lo_codes[4];
+    __m256i hi_codes[4], lo_codes[4];  // codes_sum is not needed here: block_rows_int8 below has no offset
     for (int h = 0; h < 4; ++h) {
       const __m256 v = _mm256_mul_ps(xs[h], inv);
       const __m256 hi = _mm256_round_ps(_mm256_div_ps(v, steps), kNearest);
       const __m256 lo = _mm256_round_ps(_mm256_fnmadd_ps(hi, steps, v), kNearest);
-      coded = _mm256_add_ps(coded, _mm256_fmadd_ps(hi, steps, lo));
       hi_codes[h] = _mm256_cvtps_epi32(hi);
       lo_codes[h] = _mm256_cvtps_epi32(lo);
     }
@@ -203,7 +195,6 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
     _mm256_storeu_si256((__m256i*)(q.lo.data() + i * 32), to_bytes(lo_codes));
     q.d[i] = step;
     q.sum[i] = sum8(_mm256_add_ps(_mm256_add_ps(xs[0], xs[1]), _mm256_add_ps(xs[2], xs[3])));
-    q.codes_sum[i] = sum8_epi32(_mm256_cvtps_epi32(coded));
   }
   return q;
 }
