@@ -99,7 +99,9 @@ async def test_text_answer_streamed_and_not(sdk, default_server):
 
 
 async def test_the_sdk_stream_helper_gets_the_final_response(sdk, default_server):
-    async with sdk.responses.stream(model=default_server.model, input="Say hi.", max_output_tokens=8) as stream:
+    # Greedy and a long-answer prompt, so the 8-token cap (not an early end of text) always ends it.
+    async with sdk.responses.stream(model=default_server.model, input="Write a long story about a dragon.",
+                                    max_output_tokens=8, temperature=0) as stream:
         final = await stream.get_final_response()
     assert final.output_text and final.status == "incomplete"  # 8 tokens: cut short, and says so
     assert final.incomplete_details.reason == "max_output_tokens"
