@@ -52,7 +52,7 @@ def random_weights(n, k):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])  # the kernel handles rows in blocks of 4, 2 and 1
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13])  # rows go in blocks of 8 (AVX2), 4, 2 and 1
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (576, 576)])
 def test_kernel_computes_the_int8_activation_product(m, n, k):
     torch.manual_seed(m * n + k)
@@ -65,16 +65,17 @@ def test_kernel_computes_the_int8_activation_product(m, n, k):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13])
 @pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (576, 576)])
 def test_int8_kernel_computes_the_int8_activation_product(m, n, k):
     """Q8_0 weights (w = q * scale, q in -127..127): the offset the codes are stored with (+128) is
-    taken out exactly, extreme codes included."""
+    taken out exactly, extreme codes times extreme activations included."""
     torch.manual_seed(m * n + k)
     codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    codes[0, :32], codes[-1, -32:] = 127, -127
+    codes[0, :], codes[-1, -32:] = 127, -127
     scale = (torch.rand(n, k // 32) * 0.02 + 0.001).to(torch.float16)
     x = torch.randn(m, k)
+    x[-1, -32:] = -3.0  # a group at its largest code (254 * 127) everywhere, against codes of 127 and -127
     x[0, :32] = 0
     got = int8_q8_mm(x, *int8_q8_layout(codes, scale))
     assert got.shape == (m, n) and got.dtype == torch.float32

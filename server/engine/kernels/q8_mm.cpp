@@ -5,7 +5,7 @@
 // Activations: each group of 32 is written as x ~ d * (254 * hi + lo) with hi and lo int8
 // (d = max|x| / 127 / 254: ~15 bits per activation, finer than bf16's 8), so a group's product is
 // integer work for VPDPBUSD (unsigned bytes times signed bytes, 4 at a time; on AVX2 VPMADDUBSW then
-// VPMADDWD). llama.cpp runs the same weights with one int8 part (x ~ d * a): 2x less integer work,
+// VPMADDWD, or for Q8_0 VPMADDWD on 254 * hi + lo as one int16). llama.cpp runs the same weights with one int8 part (x ~ d * a): 2x less integer work,
 // but on this model 2.6x torch's teacher-forced KL to fp32; two parts are as close as bf16 activations.
 //
 // int4_q8_mm: y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = q[n, k] * scale[n, g] + min[n, g],
@@ -45,6 +45,7 @@ struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + 
   std::vector<float> d;    // [M, G] scale of each group (the low part's step)
   std::vector<float> sum;  // [M, G] exact sum of each group's activations
   std::vector<int32_t> codes_sum;  // [M, G] sum of each group's 254 * hi + lo (AVX-512's Q8_0 offset)
+  std::vector<int16_t> codes;      // [M, K] 254 * hi + lo in one int16 (AVX2's Q8_0 path; empty on AVX-512)
   int64_t K, G;
 
   QuantizedRows(int64_t M, int64_t K_)
@@ -52,6 +53,9 @@ struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + 
 };
 
 #if defined(__AVX512VNNI__)
+
+// Activation rows in blocks of 8 as well as 4: measured only on AVX2 (below), so off here.
+constexpr bool kWideRows = false;
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   QuantizedRows q(M, K);
@@ -152,6 +156,10 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
 // two halves of 8 output rows each, taken one after the other. VPMADDUBSW multiplies unsigned by
 // signed bytes into saturating int16 pairs, so each use below is bounded to stay exact.
 
+// Blocks of 8 activation rows unpack each weight group once for 8 (2 x 4 before): 1.4x faster int4
+// layers at 8 and 16 rows on a Zen 3 (bench/results/2026-12-07.md).
+constexpr bool kWideRows = true;
+
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -173,6 +181,7 @@ inline __m256i to_bytes(const __m256i v[4]) {
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   QuantizedRows q(M, K);
+  q.codes.resize(M * K);
   const int64_t G = q.G;
   const __m256 sign = _mm256_set1_ps(-0.f), steps = _mm256_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -183,16 +192,20 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
                                           _mm256_max_ps(_mm256_andnot_ps(sign, xs[2]), _mm256_andnot_ps(sign, xs[3]))));
     const float step = amax / 127.f / kLowSteps;
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? 1.f / step : 0.f);
-    __m256i hi_codes[4], lo_codes[4];  // codes_sum is not needed here: block_rows_int8 below has no offset
+    __m256i hi_codes[4], lo_codes[4], both[4];  // no codes_sum: block_rows_int8 below has no offset
     for (int h = 0; h < 4; ++h) {
       const __m256 v = _mm256_mul_ps(xs[h], inv);
       const __m256 hi = _mm256_round_ps(_mm256_div_ps(v, steps), kNearest);
       const __m256 lo = _mm256_round_ps(_mm256_fnmadd_ps(hi, steps, v), kNearest);
       hi_codes[h] = _mm256_cvtps_epi32(hi);
       lo_codes[h] = _mm256_cvtps_epi32(lo);
+      both[h] = _mm256_cvtps_epi32(_mm256_fmadd_ps(hi, steps, lo));  // exact: |.| <= 254 * 127 + 127 < 2^15
     }
     _mm256_storeu_si256((__m256i*)(q.hi.data() + i * 32), to_bytes(hi_codes));
     _mm256_storeu_si256((__m256i*)(q.lo.data() + i * 32), to_bytes(lo_codes));
+    for (int h = 0; h < 2; ++h)  // the packs interleave the 128-bit lanes; the permute restores k's order
+      _mm256_storeu_si256((__m256i*)(q.codes.data() + i * 32 + 16 * h),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * h], both[2 * h + 1]), 0xD8));
     q.d[i] = step;
     q.sum[i] = sum8(_mm256_add_ps(_mm256_add_ps(xs[0], xs[1]), _mm256_add_ps(xs[2], xs[3])));
   }
@@ -236,33 +249,37 @@ void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, in
 }
 
 // Q8_0: VPMADDUBSW's unsigned operand would be q + 128 (up to 255), whose pair sums overflow int16,
-// so it takes |q| and the activation with q's sign instead (pairs <= 2 x 127 x 127 < 2^15).
+// so the codes are sign-extended to int16 and multiplied by 254 * hi + lo in one int16 with
+// VPMADDWD: the same integer sum as two byte passes, in half the instructions. Unpacking a k-step's
+// 8 rows x 4 codes within each 128-bit lane gives rows (0, 1 | 4, 5) and (2, 3 | 6, 7), two int32
+// lanes per row; one VPHADDD at the group's end puts rows 0..7 in order.
 template <int MB>
 void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
-  const __m256i offset = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1), steps = _mm256_set1_epi16(254);
+  const __m256i offset = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
   for (int half = 0; half < 2; ++half) {
     __m256 acc[MB];
     for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < x.G; ++g) {
-      __m256i signs[8], magnitudes[8];  // q (the stored q + 128 less its offset) and |q|
+      __m256i front[8], back[8];  // q as int16: rows 0, 1 | 4, 5 and rows 2, 3 | 6, 7, 4 codes each
       for (int j = 0; j < 8; ++j) {
-        signs[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + (g * 8 + j) * 64 + 32 * half)), offset);
-        magnitudes[j] = _mm256_abs_epi8(signs[j]);
+        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + (g * 8 + j) * 64 + 32 * half)),
+                                           offset);
+        const __m256i sign = _mm256_cmpgt_epi8(zero, q);
+        front[j] = _mm256_unpacklo_epi8(q, sign);
+        back[j] = _mm256_unpackhi_epi8(q, sign);
       }
       const __m256 scale = load_fp16x8(sc + g * 16 + 8 * half);
       for (int r = 0; r < MB; ++r) {
         const int64_t rg = (m + r) * x.G + g;
-        const int32_t* hi4 = reinterpret_cast<const int32_t*>(x.hi.data() + rg * 32);
-        const int32_t* lo4 = reinterpret_cast<const int32_t*>(x.lo.data() + rg * 32);
-        // 254 * hi + lo summed as it goes: |.| <= 8 x 2 x 127 x 127 x 255, about 2^28
-        __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+        const int64_t* codes4 = reinterpret_cast<const int64_t*>(x.codes.data() + rg * 32);  // 8 steps of 4
+        // |sum| <= 32 x 127 x 32385, about 2^27: inside int32
+        __m256i sum_front = zero, sum_back = zero;
         for (int t = 0; t < 8; ++t) {
-          const __m256i hi_signed = _mm256_sign_epi8(_mm256_set1_epi32(hi4[t]), signs[t]);
-          const __m256i lo_signed = _mm256_sign_epi8(_mm256_set1_epi32(lo4[t]), signs[t]);
-          hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes[t], hi_signed), steps));
-          lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes[t], lo_signed), ones));
+          const __m256i a = _mm256_set1_epi64x(codes4[t]);
+          sum_front = _mm256_add_epi32(sum_front, _mm256_madd_epi16(front[t], a));
+          sum_back = _mm256_add_epi32(sum_back, _mm256_madd_epi16(back[t], a));
         }
-        const __m256i both = _mm256_add_epi32(hi, lo);
+        const __m256i both = _mm256_hadd_epi32(sum_front, sum_back);
         acc[r] = _mm256_fmadd_ps(scale, _mm256_mul_ps(_mm256_cvtepi32_ps(both), _mm256_set1_ps(x.d[rg])), acc[r]);
       }
     }
@@ -292,7 +309,7 @@ struct Int8Format {
 };
 
 // Codes the activations once, then each thread takes whole blocks of 16 output rows, activation rows
-// in blocks of 4, 2 and 1.
+// in blocks of 8 (AVX2 only: kWideRows), 4, 2 and 1.
 template <class Format>
 at::Tensor quantized_mm(const char* name, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64, name, ": bad shapes");
@@ -313,6 +330,7 @@ at::Tensor quantized_mm(const char* name, const at::Tensor& x, const at::Tensor&
       const uint8_t* wb = w + b * steps * 64;
       const uint16_t* sb = sc + b * block_scales;
       int64_t m = 0;
+      for (; m + 8 <= M && kWideRows; m += 8) Format::template rows<8>(wb, sb, q, m, y + b * 16, N);
       for (; m + 4 <= M; m += 4) Format::template rows<4>(wb, sb, q, m, y + b * 16, N);
       for (; m + 2 <= M; m += 2) Format::template rows<2>(wb, sb, q, m, y + b * 16, N);
       for (; m < M; ++m) Format::template rows<1>(wb, sb, q, m, y + b * 16, N);
