@@ -5,8 +5,9 @@
 // Activations: each group of 32 is written as x ~ d * (254 * hi + lo) with hi and lo int8
 // (d = max|x| / 127 / 254: ~15 bits per activation, finer than bf16's 8), so a group's product is
 // integer work for VPDPBUSD (unsigned bytes times signed bytes, 4 at a time; on AVX2 VPMADDUBSW then
-// VPMADDWD, or for Q8_0 VPMADDWD on 254 * hi + lo as one int16). llama.cpp runs the same weights with one int8 part (x ~ d * a): 2x less integer work,
-// but on this model 2.6x torch's teacher-forced KL to fp32; two parts are as close as bf16 activations.
+// VPMADDWD, or for Q8_0 VPMADDWD on 254 * hi + lo as one int16). llama.cpp runs the same weights with
+// one int8 part (x ~ d * a): 2x less integer work, but on this model 2.6x torch's teacher-forced KL to
+// fp32; two parts are as close as bf16 activations.
 //
 // int4_q8_mm: y[m, n] = sum_k w[n, k] x[m, k] with w[n, k] = q[n, k] * scale[n, g] + min[n, g],
 // g = k / 32: GGUF's Q4_1, scale and min in fp16 as there, so the default model's shipped weights
@@ -156,8 +157,8 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
 // two halves of 8 output rows each, taken one after the other. VPMADDUBSW multiplies unsigned by
 // signed bytes into saturating int16 pairs, so each use below is bounded to stay exact.
 
-// Blocks of 8 activation rows unpack each weight group once for 8 (2 x 4 before): 1.4x faster int4
-// layers at 8 and 16 rows on a Zen 3 (bench/results/2026-12-07.md).
+// Blocks of 8 activation rows unpack each weight group once for 8 rows, not twice for 4: int4 layers
+// 1.2-1.4x faster at 8 and 16 rows on a Zen 3 (bench/results/2026-12-07.md).
 constexpr bool kWideRows = true;
 
 inline float sum8(__m256 v) {
