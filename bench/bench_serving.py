@@ -157,6 +157,12 @@ async def measure(bases: dict[str, str], chat_only: dict[str, str],
     try:
         for name, client in clients.items():  # warm-up: first-request costs out of the numbers
             await closed_loop(client, name, 1 if name in chat_only else 2, 1.0, 8)
+            # Every prompt at once: each then sits in a llama-server slot of its own (one client's
+            # requests otherwise all go to the one slot most like them and re-read ~14 tokens each),
+            # as in our prefix cache, so no server's first round re-reads what the other has kept.
+            model = await served_model(client)
+            await asyncio.gather(*(astream_chat(client, body(name, model, [{"role": "user", "content": p}], 8))
+                                   for p in PROMPTS))
         order = list(bases)
         for round_index in range(args.rounds):
             for name in order if round_index % 2 == 0 else order[::-1]:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from server.api.errors import INTERNAL_ERROR_MESSAGE, InvalidAPIKeyError, error_response, validation_error
 from server.api.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, TokenizeRequest, Usage
-from server.api.serving import ChoiceResult, EngineBugError, submit_choices, submit_prompts, usage_of
+from server.api.serving import (
+    INLINE_ENCODE_BYTES,
+    ChoiceResult,
+    EngineBugError,
+    encode_off_loop_if_long,
+    submit_choices,
+    submit_prompts,
+    usage_of,
+)
 from server.api.sse import ChatChunks, ChoiceStreamState, CompletionChunks, next_chunk
 from server.engine.types import Finished, Retraction, SteeringParams, TextDelta, TokenLogprob
 from server.errors import EngineNotReadyError, ModelNotFoundError, QueueFullError
@@ -387,3 +397,15 @@ async def test_a_failed_submit_cancels_the_choices_already_submitted():
         submit_choices(engine, "r", [1], chat().to_sampling_params(5), None, 2)
     assert [s.cancelled for s in engine.streams] == [True]
 
+
+
+@pytest.mark.parametrize(
+    ("content_length", "on_loop"), [("180", True), (str(INLINE_ENCODE_BYTES), True), ("4096", False), (None, False)]
+)
+async def test_short_bodies_are_encoded_on_the_loop_and_long_or_unsized_ones_off_it(content_length, on_loop):
+    headers = [] if content_length is None else [(b"content-length", content_length.encode())]
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+    loop_thread = threading.get_ident()
+    ran_on = await encode_off_loop_if_long(request, lambda a, b: (threading.get_ident(), a + b), 2, 3)
+    assert ran_on[1] == 5
+    assert (ran_on[0] == loop_thread) is on_loop

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the engine, the settings and the request record live on app.state."""
+"""FastAPI dependencies: the engine, the settings and the request record live on app.state.
+
+All `async def`: FastAPI runs a plain `def` dependency on its thread pool, and those two hops cost
+more than a millisecond of every request's time to first token on a 2-core machine.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from server.config import Settings
 from server.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
 
 
-def get_engine(request: Request) -> EngineClient:
+async def get_engine(request: Request) -> EngineClient:
     """The engine, once it has loaded the model (503 before)."""
     engine: EngineClient = request.app.state.engine
     if not engine.ready:
@@ -20,11 +24,11 @@ def get_engine(request: Request) -> EngineClient:
     return engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_record(request: Request) -> RequestRecord:
+async def get_record(request: Request) -> RequestRecord:
     return request.state.record
 
 

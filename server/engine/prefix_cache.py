@@ -90,7 +90,7 @@ class PrefixCache:
                     at += n * b
             else:
                 flat.copy_(self.pool.index_select(3, self._positions(slots)))
-        return [(flat[i, 0], flat[i, 1]) for i in range(flat.shape[0])]
+        return [tuple(layer.unbind(0)) for layer in flat.unbind(0)]  # unbind: one call per layer, not two indexings
 
     def _staging(self, n: int) -> torch.Tensor:
         """[layers, 2, kvh, n, D] of a buffer kept between reads (it grows to the longest prefix read

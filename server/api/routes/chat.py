@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import EngineDep, RecordDep, check_choices, check_model
 from server.api.errors import ERROR_RESPONSES
@@ -32,6 +31,7 @@ from server.api.serving import (
     EngineBugError,
     calls_cannot_be_retracted,
     encode_chat,
+    encode_off_loop_if_long,
     usage_of,
 )
 from server.api.sse import ChatChunks, ChoiceStreamState, steering_summary
@@ -49,8 +49,7 @@ async def create_chat_completion(
     check_model(engine, body.model)
     check_choices(engine, body.n)
     record.model = body.model
-    # Templating and tokenising a long prompt take a while: never on the event loop.
-    prompt = await run_in_threadpool(encode_chat, engine, body)
+    prompt = await encode_off_loop_if_long(request, encode_chat, engine, body)
     sampling = body.to_sampling_params()
     chunks = ChatChunks(id=f"chatcmpl-{record.request_id}", model=engine.model_name, with_logprobs=body.logprobs)
     if body.calls_allowed:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import EngineDep, RecordDep, check_choices, check_model
 from server.api.errors import ERROR_RESPONSES
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.api.routes.generate import generate
-from server.api.serving import ChoiceResult, EngineClient, usage_of
+from server.api.serving import ChoiceResult, EngineClient, encode_off_loop_if_long, usage_of
 from server.api.sse import CompletionChunks, steering_summary
 from server.errors import InvalidRequestError
 
@@ -26,7 +25,7 @@ async def create_completion(
     check_choices(engine, body.n, len(body.prompt))
     record.model = body.model
     # Tokenising (and, for echo, detokenising) long prompts takes a while: off the event loop.
-    prompts, echo = await run_in_threadpool(_encode_prompts, engine, body)
+    prompts, echo = await encode_off_loop_if_long(request, _encode_prompts, engine, body)
     sampling = body.to_sampling_params()
     chunks = CompletionChunks(
         id=f"cmpl-{record.request_id}", model=engine.model_name, with_logprobs=sampling.logprobs, echo=echo, n=body.n

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import EngineDep, RecordDep, check_model
 from server.api.errors import ERROR_RESPONSES, error_response
@@ -28,6 +27,7 @@ from server.api.serving import (
     calls_cannot_be_retracted,
     collect_unless_disconnected,
     encode_chat,
+    encode_off_loop_if_long,
     submit_choices,
 )
 from server.api.sse import sse_response
@@ -47,7 +47,7 @@ async def create_response(
     check_model(engine, body.model)
     record.model = body.model
     chat = body.to_chat()
-    prompt = await run_in_threadpool(encode_chat, engine, chat)
+    prompt = await encode_off_loop_if_long(request, encode_chat, engine, chat)
     sampling = chat.to_sampling_params()
     sampling = dataclasses.replace(sampling, response_format=responses_format(sampling.response_format))
     state = ResponseState(body, id=f"resp_{record.request_id}", model=engine.model_name)

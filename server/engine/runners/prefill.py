@@ -59,7 +59,12 @@ class PrefillGroup:
         # nothing left to prefill, by joining the batch (the runner copies them into its cache).
         # A transformers cache is made only for a forward: a whole prompt found in the prefix
         # cache goes from the pool to the runner with no cache object in between.
-        self._prefix: LayerKV = _cached_columns(prefix, hits, self.cached_width) if self.cached_width else []
+        self._prefix: LayerKV = []  # [n, kv_heads, cached_width, D] per layer, made when first asked for
+        self._row_prefix: LayerKV = []  # one row's hit as read: that row's own columns, no batch dimension
+        if self.cached_width and len(seqs) == 1:
+            self._row_prefix = prefix.read(hits[0])
+        elif self.cached_width:
+            self._prefix = _cached_columns(prefix, hits, self.cached_width)
         self.cache: DynamicCache | None = None  # the forward's, from the first chunk on
         self.done = self.cached_width  # columns prefilled (or read from the prefix cache) so far
 
@@ -84,25 +89,35 @@ class PrefillGroup:
             use_cache=True,
             logits_to_keep=1,  # prefill only fills the cache: skip the vocab projection
         )
-        self.cache, self._prefix = output_cache(model, out), []
+        self.cache, self._prefix, self._row_prefix = output_cache(model, out), [], []
         self.done = end
 
     def _forward_cache(self) -> DynamicCache:
         if self.cache is not None:
             return self.cache
-        return cache_from(self._prefix) if self._prefix else DynamicCache()
+        return cache_from(self.layers()) if self.cached_width else DynamicCache()
 
     def layers(self) -> LayerKV:
         """Per layer, the keys/values of the columns done so far ([n, kv_heads, done, D] each)."""
-        return cache_layers(self.cache) if self.cache is not None else self._prefix
+        if self.cache is not None:
+            return cache_layers(self.cache)
+        if self._row_prefix and not self._prefix:
+            self._prefix = [(k[None], v[None]) for k, v in self._row_prefix]
+        return self._prefix
 
     def row_kv(self, row: int) -> LayerKV:
         """Row `row`'s keys/values at its valid columns, in position order."""
+        if self._row_prefix and self.finished:  # a lone prompt found whole: its columns as read, no holes
+            return self._row_prefix
         return select_columns(self.layers(), row, self.valid[row].nonzero().squeeze(1).tolist())
+
+    def prefix_kv(self) -> LayerKV:
+        """A lone row's cached prefix, columns 0..done-1 ([kv_heads, done, D] per layer)."""
+        return self._row_prefix or select_columns(self.layers(), 0, list(range(self.done)))
 
     def release(self) -> None:
         """The runner holds the whole prompt now (prefilled in its own cache): drop the group's copy."""
-        self.cache, self._prefix, self.done = None, [], self.width
+        self.cache, self._prefix, self._row_prefix, self.done = None, [], [], self.width
 
     def _mask(self, start: int, end: int) -> torch.Tensor:
         """[n, 1, end-start, end]: causal over real columns; a padding column sees only itself, so
@@ -127,8 +142,6 @@ def select_columns(layers: list[tuple[torch.Tensor, torch.Tensor]], row: int, co
 
 def _cached_columns(prefix: PrefixCache, hits: list[list[int]], width: int) -> LayerKV:
     """Per layer, [n, kv_heads, width, D] holding each row's cached prefix right-aligned (zeros before it)."""
-    if len(hits) == 1:  # one row fills the width: its prefix as read (views), no copy
-        return [(k[None], v[None]) for k, v in prefix.read(hits[0])]
     out: LayerKV = []
     for r, blocks in enumerate(hits):
         if not blocks:

@@ -29,6 +29,9 @@ class StaticKVCache(nn.Module):
             self.register_buffer(f"k{i}", torch.empty(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v{i}", torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.num_layers = num_layers
+        # Each slot's per-layer keys then values ([kv_heads, max_len, D] views), made once: loading a
+        # prompt is then one batched copy, not 2 x layers indexings of module attributes.
+        self._slot_views = [[t[slot] for i in range(num_layers) for t in self.layer(i)] for slot in range(slots)]
         self.zeroed = 0  # columns 0..zeroed-1 of every slot hold zeros or written keys/values
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,13 +46,11 @@ class StaticKVCache(nn.Module):
 
     def load_row(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put a prefilled prompt into `slot` at columns 0..n-1. kv[i]: layer i's ([kv_heads, n, D], same)."""
-        if kv:
-            self.ensure_zeroed(kv[0][0].shape[1])  # before writing: zeroing later would erase these columns
-        for i, (k, v) in enumerate(kv):
-            k_cache, v_cache = self.layer(i)
-            n = k.shape[1]
-            k_cache[slot, :, :n] = k
-            v_cache[slot, :, :n] = v
+        if not kv:
+            return
+        n = kv[0][0].shape[1]
+        self.ensure_zeroed(n)  # before writing: zeroing later would erase these columns
+        torch._foreach_copy_([view[:, :n] for view in self._slot_views[slot]], [t for pair in kv for t in pair])
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from server.engine.prefix_cache import LayerKV
 from server.engine.quantize import QuantizedLinear
-from server.engine.runners.prefill import PrefillGroup, select_columns
+from server.engine.runners.prefill import PrefillGroup
 from server.engine.runners.static.cache import StaticKVCache
 from server.engine.runners.static.decode import StaticDecoder, check_static_supported
 from server.steering.taps import HeadTaps
@@ -86,7 +86,7 @@ class StaticRunner:
         self._reserved = (group, slot)
         self.cache.ensure_zeroed(group.width)  # before writing: zeroing later would erase these columns
         if group.done:
-            self.cache.load_row(slot, select_columns(group.layers(), 0, list(range(group.done))))
+            self.cache.load_row(slot, group.prefix_kv())
         if group.done < group.width:  # one row: its columns are its positions, no holes
             self.decoder.prefill(slot, group.input_ids[0, group.done :], group.done)
         group.release()  # the prompt lives in the slot now
