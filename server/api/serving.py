@@ -132,6 +132,10 @@ async def _next_event(stream: GenerationStream) -> EngineEvent:
 
 async def merged_events(streams: Sequence[GenerationStream]) -> AsyncIterator[tuple[int, EngineEvent]]:
     """(choice index, event) from all streams as they arrive, each stream's events in order."""
+    if len(streams) == 1:  # one choice, nearly every request: no task and no wait() per event
+        async for event in streams[0]:
+            yield 0, event
+        return
     pending = {asyncio.ensure_future(_next_event(s)): i for i, s in enumerate(streams)}
     try:
         while pending:
