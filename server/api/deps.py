@@ -1,7 +1,7 @@
 """FastAPI dependencies: the engine, the settings and the request record live on app.state.
 
-All `async def`: FastAPI runs a plain `def` dependency on its thread pool, and those two hops cost
-more than a millisecond of every request's time to first token on a 2-core machine.
+All `async def`: FastAPI runs a plain `def` dependency on its thread pool, and those hops cost
+~0.9 ms of every request's time to first token on a 2-core machine.
 """
 
 from __future__ import annotations
