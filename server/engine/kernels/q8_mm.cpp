@@ -41,25 +41,28 @@ namespace {
 constexpr float kLowSteps = 254.f;  // the low part's step is the high part's / 254
 
 struct QuantizedRows {  // the activations per group of 32: x ~ d * (254 * hi + lo), hi and lo int8
-  std::vector<int8_t> hi;  // [M, K]
+  std::vector<int8_t> hi;  // [M, K] (empty when the codes are kept as one int16)
   std::vector<int8_t> lo;  // [M, K]: the rounding error of hi, in steps of d
   std::vector<float> d;    // [M, G] scale of each group (the low part's step)
   std::vector<float> sum;  // [M, G] exact sum of each group's activations
   std::vector<int32_t> codes_sum;  // [M, G] sum of each group's 254 * hi + lo (AVX-512's Q8_0 offset)
-  std::vector<int16_t> codes;      // [M, K] 254 * hi + lo in one int16 (AVX2's Q8_0 path; empty on AVX-512)
+  std::vector<int16_t> codes;      // [M, K] 254 * hi + lo in one int16 (AVX2's Q8_0 path only)
   int64_t K, G;
 
-  QuantizedRows(int64_t M, int64_t K_)
-      : hi(M * K_), lo(M * K_), d(M * (K_ / 32)), sum(M * (K_ / 32)), codes_sum(M * (K_ / 32)), K(K_), G(K_ / 32) {}
+  // int16_codes: the one form a kernel reads, `codes` or `hi` and `lo`, is the one written
+  QuantizedRows(int64_t M, int64_t K_, bool int16_codes)
+      : hi(int16_codes ? 0 : M * K_), lo(int16_codes ? 0 : M * K_), d(M * (K_ / 32)), sum(M * (K_ / 32)),
+        codes_sum(M * (K_ / 32)), codes(int16_codes ? M * K_ : 0), K(K_), G(K_ / 32) {}
 };
 
 #if defined(__AVX512VNNI__)
 
 // Activation rows in blocks of 8 as well as 4: measured only on AVX2 (below), so off here.
 constexpr bool kWideRows = false;
+constexpr bool kInt8Int16Codes = false;  // Q8_0 here reads hi and lo (VPDPBUSD) and codes_sum
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  QuantizedRows q(M, K);
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool /* int16_codes: never, see above */) {
+  QuantizedRows q(M, K, false);
   const int64_t G = q.G;
   const __m512 sign = _mm512_set1_ps(-0.f), steps = _mm512_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -160,6 +163,7 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
 // Blocks of 8 activation rows unpack each weight group once for 8 rows, not twice for 4: int4 layers
 // 1.2-1.4x faster at 8 and 16 rows on a Zen 3 (bench/results/2026-12-07.md).
 constexpr bool kWideRows = true;
+constexpr bool kInt8Int16Codes = true;  // Q8_0 here reads 254 * hi + lo as one int16 (block_rows_int8)
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -180,9 +184,8 @@ inline __m256i to_bytes(const __m256i v[4]) {
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  QuantizedRows q(M, K);
-  q.codes.resize(M * K);
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool int16_codes) {
+  QuantizedRows q(M, K, int16_codes);
   const int64_t G = q.G;
   const __m256 sign = _mm256_set1_ps(-0.f), steps = _mm256_set1_ps(kLowSteps);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -198,15 +201,21 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
       const __m256 v = _mm256_mul_ps(xs[h], inv);
       const __m256 hi = _mm256_round_ps(_mm256_div_ps(v, steps), kNearest);
       const __m256 lo = _mm256_round_ps(_mm256_fnmadd_ps(hi, steps, v), kNearest);
-      hi_codes[h] = _mm256_cvtps_epi32(hi);
-      lo_codes[h] = _mm256_cvtps_epi32(lo);
-      both[h] = _mm256_cvtps_epi32(_mm256_fmadd_ps(hi, steps, lo));  // exact: |.| <= 254 * 127 + 127 < 2^15
+      if (int16_codes) {
+        both[h] = _mm256_cvtps_epi32(_mm256_fmadd_ps(hi, steps, lo));  // exact: |.| <= 254 * 127 + 127 < 2^15
+      } else {
+        hi_codes[h] = _mm256_cvtps_epi32(hi);
+        lo_codes[h] = _mm256_cvtps_epi32(lo);
+      }
     }
-    _mm256_storeu_si256((__m256i*)(q.hi.data() + i * 32), to_bytes(hi_codes));
-    _mm256_storeu_si256((__m256i*)(q.lo.data() + i * 32), to_bytes(lo_codes));
-    for (int h = 0; h < 2; ++h)  // the packs interleave the 128-bit lanes; the permute restores k's order
-      _mm256_storeu_si256((__m256i*)(q.codes.data() + i * 32 + 16 * h),
-                          _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * h], both[2 * h + 1]), 0xD8));
+    if (int16_codes) {
+      for (int h = 0; h < 2; ++h)  // the packs interleave the 128-bit lanes; the permute restores k's order
+        _mm256_storeu_si256((__m256i*)(q.codes.data() + i * 32 + 16 * h),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(both[2 * h], both[2 * h + 1]), 0xD8));
+    } else {
+      _mm256_storeu_si256((__m256i*)(q.hi.data() + i * 32), to_bytes(hi_codes));
+      _mm256_storeu_si256((__m256i*)(q.lo.data() + i * 32), to_bytes(lo_codes));
+    }
     q.d[i] = step;
     q.sum[i] = sum8(_mm256_add_ps(_mm256_add_ps(xs[0], xs[1]), _mm256_add_ps(xs[2], xs[3])));
   }
@@ -294,6 +303,7 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
 struct Int4Format {
   static constexpr int kCodesPerStep = 8;  // a 64-byte k-step holds 8 codes per row
   static constexpr int kScalesPerRow = 2;  // per group: scale and minimum
+  static constexpr bool kInt16Codes = false;  // the activations as hi and lo bytes
   template <int MB>
   static void rows(const uint8_t* w, const uint16_t* s, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
     block_rows<MB>(w, s, x, m, out, N);
@@ -303,6 +313,7 @@ struct Int4Format {
 struct Int8Format {
   static constexpr int kCodesPerStep = 4;
   static constexpr int kScalesPerRow = 1;
+  static constexpr bool kInt16Codes = kInt8Int16Codes;
   template <int MB>
   static void rows(const uint8_t* w, const uint16_t* s, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
     block_rows_int8<MB>(w, s, x, m, out, N);
@@ -321,7 +332,7 @@ at::Tensor quantized_mm(const char* name, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(K % 32 == 0 && packed.size(1) == steps && scales.numel() == blocks * block_scales, name,
               ": weights do not match K");
   auto out = at::empty({M, N}, xf.options());
-  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K);
+  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, Format::kInt16Codes);
   const auto packed_c = packed.contiguous(), scales_c = scales.contiguous();
   const uint8_t* w = packed_c.data_ptr<uint8_t>();
   const auto* sc = reinterpret_cast<const uint16_t*>(scales_c.data_ptr<at::Half>());
