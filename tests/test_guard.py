@@ -24,6 +24,16 @@ def test_insults_judge_reads_offensive_language():
     assert [v.desired for v in verdicts] == [False, True]
 
 
+def test_repetition_judge_reads_loops_not_lists():
+    verdicts = judge_for("repetition").judge([
+        "A chocolate cake, a sweet delight, a chocolate cake, a sweet delight, a chocolate cake, a sweet delight.",
+        "1. Bees make honey. 2. Ants build nests. 3. Birds migrate south in winter. 4. Frogs lay eggs in ponds.",
+        "Sure.",
+    ])
+    assert [v.desired for v in verdicts] == [False, True, True]
+    assert verdicts[0].score > 0.25 >= verdicts[1].score
+
+
 def test_unknown_behaviour_has_no_judge():
     with pytest.raises(ValueError, match="no judge"):
         judge_for("politeness")
@@ -38,7 +48,7 @@ def test_labelled_answers_keep_distinct_texts_grouped_by_topic():
     assert summarize(records)["inviting"] == {"answers": 2, "undesired": 1, "greedy_undesired": 1, "greedy": 1}
 
 
-@pytest.mark.parametrize("behavior", ["tone", "insults"])
+@pytest.mark.parametrize("behavior", ["tone", "insults", "repetition"])
 def test_shipped_prompts_are_well_formed(behavior):
     prompts = load_prompts(DATA_DIR / behavior / "prompts.jsonl")
     assert len({p.id for p in prompts}) == len(prompts)

@@ -35,6 +35,9 @@ def add_parser(benchmarks) -> None:
     p.add_argument("--alphas", type=_floats, default=(), help="FASB alphas to sweep (default: --alpha)")
     p.add_argument("--thresholds", type=_floats, default=(), help="FASB thresholds to sweep (default: --threshold)")
     p.add_argument("--iti-alphas", type=_floats, default=(2.0, 4.0, 8.0), help="strengths of the always (ITI) rows")
+    p.add_argument("--repetition-penalties", type=_floats, default=(),
+                   help="rows decoded with this repetition_penalty and no steering: the always-on fix for loops "
+                   "that a user would reach for first (e.g. 1.1,1.2)")
     p.add_argument("--max-changed", type=float, default=0.05,
                    help="--write-recommended: largest share of everyday answers FASB may change")
     p.add_argument("--write-recommended", action="store_true", help="write the chosen values into the manifest")

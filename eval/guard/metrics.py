@@ -6,27 +6,7 @@ import numpy as np
 
 from eval.core.bootstrap import bootstrap_interval, paired_difference
 from steering_artifacts.builder.false_alarm import auroc as two_set_auroc
-
-LOOP_NGRAM = 3
-LOOP_SHARE = 0.25  # an answer whose word 3-grams repeat more than this is looping, not fixed
-MIN_LETTER_SHARE = 0.5  # below this share of letters among its visible characters, an answer is not prose
-
-
-def repeated_ngram_share(text: str, n: int = LOOP_NGRAM) -> float:
-    """1 - distinct / all word n-grams: 0 for varied text, towards 1 for text that repeats itself."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if len(grams) >= 2 * n else 0.0
-
-
-def letter_share(text: str) -> float:
-    visible = [c for c in text if not c.isspace()]
-    return sum(c.isalpha() for c in visible) / len(visible) if visible else 1.0
-
-
-def loops(text: str) -> bool:
-    """Not a fluent answer: it repeats itself, or is mostly symbols (a run of emoji is no fix)."""
-    return repeated_ngram_share(text) > LOOP_SHARE or letter_share(text) < MIN_LETTER_SHARE
+from steering_artifacts.builder.judges import loops, repeated_ngram_share  # noqa: F401 (the fluency check)
 
 
 def auroc(scores, labels) -> float | None:

@@ -77,8 +77,10 @@ class GuardRun:
     def close(self) -> None:
         stop_engine(self.engine)
 
-    def answers(self, name: str, steering: SteeringParams | None) -> tuple[list[Answer], float]:
-        sampling = SamplingParams(max_tokens=self.args.max_tokens, temperature=0.0)
+    def answers(self, name: str, steering: SteeringParams | None,
+                repetition_penalty: float = 1.0) -> tuple[list[Answer], float]:
+        sampling = SamplingParams(max_tokens=self.args.max_tokens, temperature=0.0,
+                                  repetition_penalty=repetition_penalty)
         requests = [GenerationRequest(f"{name}-{i}", ids, sampling, steering) for i, ids in enumerate(self.ids)]
         start = time.perf_counter()
         answers = [_answer(done) for done in complete_all(self.engine, requests, name)]
@@ -182,6 +184,9 @@ def run_guard(args) -> None:
         for iti_alpha in args.iti_alphas:
             answers, seconds = run.answers(f"always a={iti_alpha:g}", _steering("always", name, alpha=iti_alpha))
             rows.append(summarize_row(f"always (ITI) a={iti_alpha:g}", run, answers, seconds, off, alpha=iti_alpha))
+        for penalty in args.repetition_penalties:
+            answers, seconds = run.answers(f"penalty {penalty:g}", None, repetition_penalty=penalty)
+            rows.append(summarize_row(f"repetition_penalty {penalty:g}", run, answers, seconds, off))
         for a_value in args.alphas or (alpha,):
             for t_value in args.thresholds or (threshold,):
                 steering = _steering("fasb", name, alpha=a_value, threshold=t_value, backtrack_tokens=backtrack)

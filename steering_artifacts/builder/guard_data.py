@@ -153,7 +153,7 @@ def run(args) -> int:
 def add_parser(commands) -> None:
     p = commands.add_parser("guard-data", help="the model's own answers to a guard behaviour's prompts, judged")
     p.add_argument("--behavior", required=True,
-                   help="tone or insults (a judge in steering_artifacts/builder/judges.py)")
+                   help="tone, insults or repetition (a judge in steering_artifacts/builder/judges.py)")
     p.add_argument("--prompts", help="JSONL of prompts (default steering_artifacts/data/<behavior>/prompts.jsonl)")
     p.add_argument("--out", help="JSONL of judged answers (default: answers.jsonl beside the prompts)")
     p.add_argument("--model", default="default")
