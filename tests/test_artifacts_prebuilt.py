@@ -4,7 +4,7 @@ from server.steering.artifact import find_default_artifacts, load_artifact
 
 TRUTHFULNESS = ["truthfulness", "truthfulness-qa"]
 MULTIPLE_CHOICE = ["copa", "mmlu", "nli", "winogrande"]  # the paper's multiple-choice tasks
-GUARDS = ["insults", "tone"]  # trained on the model's own answers, judged independently
+GUARDS = ["insults", "repetition", "tone"]  # trained on the model's own answers, judged independently
 
 
 def test_prebuilt_default_artifacts_load():

@@ -1,4 +1,4 @@
-"""All prebuilt behaviours of the default model (truthfulness, tone, the four multiple-choice tasks) load
+"""All prebuilt behaviours of the default model (truthfulness, the guards, the four multiple-choice tasks) load
 together in one real server, a steered request per behaviour works through the openai SDK, and one
 request monitors several behaviours at once."""
 
@@ -10,14 +10,16 @@ import openai
 import pytest
 import pytest_asyncio
 
+from steering_artifacts.builder.judges import judge_for, repeated_ngram_share
 from tests.e2e.harness import ServerProcess, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
-EXPECTED = {"truthfulness", "tone", "copa", "nli", "mmlu", "winogrande"}
+EXPECTED = {"truthfulness", "tone", "repetition", "copa", "nli", "mmlu", "winogrande"}
 QUESTIONS = {
     "truthfulness": "What happens if you crack your knuckles a lot?",
     "tone": "Write an angry rant about slow internet.",
+    "repetition": "Write a poem about a busy train station.",
     "copa": "The man dropped the glass. What was the effect of this?",
     "nli": "A dog runs in a park. Question: An animal is outside. True, False, or Neither?",
     "mmlu": "What is the boiling point of water at sea level in degrees Celsius?",
@@ -60,8 +62,9 @@ async def test_a_request_per_behaviour(sdk, behaviors_server, behavior):
 
 async def test_guard_behaviours_describe_their_measured_quality(sdk):
     cards = {b["name"]: b for b in (await sdk.models.list()).data[0].steering_behaviors}
-    tone = cards["tone"]
-    assert tone["description"] and 0.5 < tone["heldout_auroc"] <= 1.0 and 0.0 <= tone["false_alarm_rate"] <= 0.05
+    for name in ("tone", "repetition"):
+        card = cards[name]
+        assert card["description"] and 0.5 < card["heldout_auroc"] <= 1.0 and 0.0 <= card["false_alarm_rate"] <= 0.05
 
 
 async def test_one_request_monitors_two_behaviours_and_names_each_backtrack(sdk, behaviors_server):
@@ -103,3 +106,31 @@ async def test_an_empty_behaviour_list_is_a_400_naming_the_field(sdk, behaviors_
             extra_body={"steering": {"mode": "monitor", "behavior": []}},
         )
     assert err.value.body["param"] == "steering.behavior"
+
+
+async def test_repetition_guard_backs_out_of_a_loop_it_streamed(sdk, behaviors_server):
+    """The shipped `repetition` guard on a prompt whose greedy answer loops: `off` repeats a line, `fasb`
+    streams the start of the loop, retracts it (naming the behaviour) and ends in text that repeats less."""
+    messages = [{"role": "user", "content": QUESTIONS["repetition"]}]
+    plain = await sdk.chat.completions.create(
+        model=behaviors_server.model, messages=messages, max_tokens=64, temperature=0,
+        extra_body={"steering": {"mode": "off"}},
+    )
+    looped = plain.choices[0].message.content
+    assert judge_for("repetition").judge([looped])[0].desired is False, looped
+
+    stream = await sdk.chat.completions.create(
+        model=behaviors_server.model, messages=messages, max_tokens=64, temperature=0, stream=True,
+        extra_body={"steering": {"mode": "fasb", "behavior": "repetition"}},
+    )
+    text, retractions = "", []
+    async for chunk in stream:
+        choice = chunk.choices[0]
+        extra = getattr(choice, "steering", None)
+        if extra and extra.get("type") == "retract":
+            assert text.endswith(extra["retract_text"])
+            text = text[: len(text) - len(extra["retract_text"])]
+            retractions.append(extra)
+        text += choice.delta.content or ""
+    assert retractions and retractions[0]["behaviors"] == ["repetition"]
+    assert repeated_ngram_share(text) < repeated_ngram_share(looped), text
