@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--runner", default="hf", choices=("hf", "static"))
     p.add_argument("--quantization", default="none", choices=("none", "int8", "int4"))
-    p.add_argument("--behaviors", default="truthfulness,tone,copa",
+    p.add_argument("--behaviors", default="truthfulness,repetition,tone",
                    help="comma-separated; configuration k monitors the first k of them")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--tokens", type=int, default=64)
