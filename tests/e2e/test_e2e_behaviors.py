@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from steering_artifacts.builder.judges import judge_for, repeated_ngram_share
 from tests.e2e.harness import ServerProcess, running_server
+from tests.streams import shown_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
@@ -25,6 +26,15 @@ QUESTIONS = {
     "mmlu": "What is the boiling point of water at sea level in degrees Celsius?",
     "winogrande": "Fill in the blank: The trophy did not fit in the suitcase because _ was too big.",
 }
+
+
+async def _read_stream(stream) -> tuple[str, list[dict], dict | None]:
+    """(the text a correction-aware client shows, the retraction events, the final steering report)."""
+    chunks = [chunk.model_dump() async for chunk in stream]
+    events = [choice.get("steering") for chunk in chunks for choice in chunk["choices"] if choice.get("steering")]
+    retractions = [e for e in events if e.get("type") == "retract"]
+    reports = [e for e in events if e.get("type") != "retract"]
+    return shown_text(chunks), retractions, reports[-1] if reports else None
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +86,7 @@ async def test_one_request_monitors_two_behaviours_and_names_each_backtrack(sdk,
         model=behaviors_server.model, messages=[{"role": "user", "content": QUESTIONS["tone"]}], max_tokens=12,
         temperature=0, stream=True, extra_body={"steering": steering},
     )
-    text, retractions, report = "", [], None
-    async for chunk in stream:
-        choice = chunk.choices[0]
-        extra = getattr(choice, "steering", None)
-        if extra and extra.get("type") == "retract":
-            assert text.endswith(extra["retract_text"])
-            text = text[: len(text) - len(extra["retract_text"])]
-            retractions.append(extra)
-        elif extra:
-            report = extra
-        text += choice.delta.content or ""
+    text, retractions, report = await _read_stream(stream)
     assert retractions and set(retractions[0]["behaviors"]) == {"truthfulness", "tone"}
     assert report["behaviors"] == ["truthfulness", "tone"]
     assert set(report["backtracks"][0]["behaviors"]) == {"truthfulness", "tone"}
@@ -123,14 +123,6 @@ async def test_repetition_guard_backs_out_of_a_loop_it_streamed(sdk, behaviors_s
         model=behaviors_server.model, messages=messages, max_tokens=64, temperature=0, stream=True,
         extra_body={"steering": {"mode": "fasb", "behavior": "repetition"}},
     )
-    text, retractions = "", []
-    async for chunk in stream:
-        choice = chunk.choices[0]
-        extra = getattr(choice, "steering", None)
-        if extra and extra.get("type") == "retract":
-            assert text.endswith(extra["retract_text"])
-            text = text[: len(text) - len(extra["retract_text"])]
-            retractions.append(extra)
-        text += choice.delta.content or ""
+    text, retractions, _ = await _read_stream(stream)
     assert retractions and retractions[0]["behaviors"] == ["repetition"]
     assert repeated_ngram_share(text) < repeated_ngram_share(looped), text
