@@ -113,7 +113,7 @@ class StaticRunner:
         self.slots = kept
 
     def set_rows(self, steer: torch.Tensor | None, capture: bool) -> None:
-        device = self.model.device
+        device = self.device
         size = self._bucket()
         self._rows_index = torch.tensor(self.slots, dtype=torch.long, device=device)
         self._rows_gathered = self.slots != list(range(len(self.slots)))
@@ -137,7 +137,7 @@ class StaticRunner:
         return logits[rows], taps[:, rows] if self._capture else None
 
     def _run(self, ids: list[int], pos: list[int], needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.model.device
+        device = self.device  # kept at start: the model's `.device` looks through its parameters each call
         width = min(self.cache.max_len, -(-needed // _KEY_BLOCK) * _KEY_BLOCK)
         self.cache.ensure_zeroed(width)
         key_pos = torch.arange(width, device=device)
