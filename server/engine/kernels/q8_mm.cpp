@@ -224,6 +224,14 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool int16_cod
 
 inline __m256 load_fp16x8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
+// Both kernels' first pass over a block (half 0) prefetches its codes 2 KB ahead of the loads: the
+// rest of the block, then the next one's, which follows it in memory. At one activation row a core
+// streams the weights slower than the memory serves them, and the hardware prefetcher alone does not
+// run far enough ahead. On a Zen 3 at one row: the LM head 1.20 -> 0.93 ms, the int4 layers 7%
+// faster; at 4 and 8 rows no loss (1, 2 and 4 KB within the noise of each other;
+// bench/bench_kernels.py, bench/results/2026-12-08.md).
+constexpr int64_t kPrefetchBytes = 2048;
+
 template <int MB>
 void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
   // VPMADDWD with 254 (not 1) sums the high part's int16 pairs already scaled, sparing a VPMULLD
@@ -233,6 +241,8 @@ void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, in
     for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < x.G; ++g) {
       __m256i codes[8];
+      if (half == 0)  // a hint: no fault past the end of the weights
+        for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(w + (g * 4 + j) * 64 + kPrefetchBytes), _MM_HINT_T0);
       for (int j = 0; j < 4; ++j) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (g * 4 + j) * 64 + 32 * half));
         codes[2 * j] = _mm256_and_si256(v, low4);
@@ -263,14 +273,6 @@ void block_rows(const uint8_t* w, const uint16_t* sm, const QuantizedRows& x, in
 // VPMADDWD: the same integer sum as two byte passes, in half the instructions. Unpacking a k-step's
 // 8 rows x 4 codes within each 128-bit lane gives rows (0, 1 | 4, 5) and (2, 3 | 6, 7), two int32
 // lanes per row; one VPHADDD at the group's end puts rows 0..7 in order.
-//
-// The first half's pass also prefetches the codes 2 KB ahead (the rest of this block, then the next
-// block's, which follows it in memory): the LM head is one 30 MB stream, and at one row the hardware
-// prefetcher alone left it short of the memory's pace (Zen 3: 1.40 -> 1.07 ms a call; the int4
-// layers' short per-call streams gained 0-8%, inside the noise, so they stay as they were;
-// bench/results/2026-12-08.md).
-constexpr int64_t kHeadPrefetchBytes = 2048;
-
 template <int MB>
 void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& x, int64_t m, float* out, int64_t N) {
   const __m256i offset = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
@@ -279,7 +281,7 @@ void block_rows_int8(const uint8_t* w, const uint16_t* sc, const QuantizedRows& 
     for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < x.G; ++g) {
       if (half == 0)  // a hint: no fault past the end of the weights
-        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(w + (g * 8 + j) * 64 + kHeadPrefetchBytes), _MM_HINT_T0);
+        for (int j = 0; j < 8; ++j) _mm_prefetch((const char*)(w + (g * 8 + j) * 64 + kPrefetchBytes), _MM_HINT_T0);
       __m256i front[8], back[8];  // q as int16: rows 0, 1 | 4, 5 and rows 2, 3 | 6, 7, 4 codes each
       for (int j = 0; j < 8; ++j) {
         const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + (g * 8 + j) * 64 + 32 * half)),
