@@ -217,11 +217,14 @@ def default_gguf() -> str:
 
 
 def run(args) -> int:
+    # Rows (fasb) and slots (llama-server) for the most clients, and at least one per prompt: the
+    # warm-up sends every prompt at once, and each server keeps each prompt (`measure`).
+    slots = max(*args.levels, len(PROMPTS))
     fasb = ServerProcess(["--model", args.model, "--runner", "static", "--quantization", "int4",
-                          "--max-batch-size", str(max(args.levels)), "--max-queue", str(4 * max(args.levels)),
+                          "--max-batch-size", str(slots), "--max-queue", str(4 * slots),
                           "--prefix-cache-mb", str(args.prefix_cache_mb)],
                          threads=args.threads)
-    llama = llama_server(args.llama_server, args.gguf or default_gguf(), args.threads, max(args.levels),
+    llama = llama_server(args.llama_server, args.gguf or default_gguf(), args.threads, slots,
                         args.slot_context)
     uncached = None
     if not args.skip_no_cache:
