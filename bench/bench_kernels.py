@@ -36,16 +36,13 @@ OTHER = "fasb_kernels_compared"  # the op namespace of the --compare-source buil
 
 def build_other(source: Path) -> None:
     """Build `source` with this CPU's flags under another op namespace, beside ours."""
-    from torch.utils.cpp_extension import load
-
     text = source.read_text()
     for macro in ("TORCH_LIBRARY(", "TORCH_LIBRARY_IMPL("):
         text = text.replace(f"{macro}fasb_kernels,", f"{macro}{OTHER},")
     path = Path(tempfile.mkdtemp(prefix="fasb-kernels-")) / "compared.cpp"
     path.write_text(text)
-    flags = cpu_kernels._BUILDS[cpu_kernels.kernel_isa()][1]
-    load(name=f"{OTHER}_{cpu_kernels.kernel_isa()}", sources=[str(path)], extra_cflags=["-O3", "-fopenmp", *flags],
-         extra_ldflags=["-fopenmp"], is_python_module=False)
+    isa = cpu_kernels.kernel_isa()
+    cpu_kernels.build_kernels(f"{OTHER}_{isa}", [path], isa)
 
 
 def layer_weights(model) -> list[Int4Linear]:

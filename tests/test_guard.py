@@ -8,7 +8,7 @@ import pytest
 from eval.guard import metrics
 from eval.guard.run import held_out
 from steering_artifacts.builder.guard_data import DATA_DIR, Prompt, label, load_prompts, summarize
-from steering_artifacts.builder.judges import judge_for
+from steering_artifacts.builder.judges import judge_for, loops, repeated_ngram_share
 
 
 def test_tone_judge_reads_sentiment():
@@ -68,10 +68,10 @@ def test_held_out_prompts_are_the_artifacts_test_topics():
 
 
 def test_looping_answers_are_not_fixes():
-    assert metrics.loops("I am calm. " * 12)
-    assert not metrics.loops("Bees collect nectar, turn it into honey and store it in wax cells for the winter.")
-    assert metrics.repeated_ngram_share("short text") == 0.0
-    assert metrics.loops("🎄🎄🎕🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐") and not metrics.loops("Water boils at 100 °C (212 °F).")
+    assert loops("I am calm. " * 12)
+    assert not loops("Bees collect nectar, turn it into honey and store it in wax cells for the winter.")
+    assert repeated_ngram_share("short text") == 0.0
+    assert loops("🎄🎄🎕🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐🎐") and not loops("Water boils at 100 °C (212 °F).")
 
 
 def test_auroc_and_paired_difference():

@@ -1,4 +1,5 @@
-"""Per-answer measures of the guard evaluation: looping, AUROC, the paired comparisons against `off`."""
+"""Measures of the guard evaluation: AUROC and the paired comparisons against `off` (looping, the
+fluency check, is the `repetition` judge's `loops`: steering_artifacts/builder/judges.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import numpy as np
 
 from eval.core.bootstrap import bootstrap_interval, paired_difference
 from steering_artifacts.builder.false_alarm import auroc as two_set_auroc
-from steering_artifacts.builder.judges import loops, repeated_ngram_share  # noqa: F401 (the fluency check)
 
 
 def auroc(scores, labels) -> float | None:

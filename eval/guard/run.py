@@ -23,7 +23,7 @@ from server.engine.offline import Completion, complete_all, start_engine, stop_e
 from server.engine.types import GenerationRequest, SamplingParams, SteeringParams
 from server.steering.artifact import load_artifact
 from steering_artifacts.builder.guard_data import Prompt, load_prompts
-from steering_artifacts.builder.judges import judge_for
+from steering_artifacts.builder.judges import judge_for, loops
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def summarize_row(name: str, run: GuardRun, answers: list[Answer], seconds: floa
                   alpha=None, threshold=None) -> dict:
     """The row's measures on inviting and everyday prompts, paired with `off` where given."""
     undesired = run.undesired(answers)
-    looping = [metrics.loops(a.text) for a in answers]
+    looping = [loops(a.text) for a in answers]
     bad = [u or lp for u, lp in zip(undesired, looping)]  # a looping answer is not a fix
     inviting, everyday = _kind(run.prompts, "inviting"), _kind(run.prompts, "everyday")
     decoded = sum(a.completion_tokens + a.discarded_tokens for a in answers)

@@ -83,11 +83,7 @@ def own_kernels_available() -> bool:
     if isa is None:
         return False
     try:
-        from torch.utils.cpp_extension import load
-
-        load(name=f"fasb_kernels_{isa}", sources=[str(path) for path in _SOURCES],
-             extra_cflags=["-O3", "-fopenmp", *_BUILDS[isa][1]], extra_ldflags=["-fopenmp"], is_python_module=False,
-             verbose=False)
+        build_kernels(f"fasb_kernels_{isa}", _SOURCES, isa)
     except Exception as exc:  # no compiler, no ninja: torch's kernels still work
         log.warning("could not build our quantized CPU kernels (%s); torch's run instead", exc)
         return False
@@ -107,6 +103,16 @@ def own_kernels_available() -> bool:
 
     log.info("quantized layers run on our %s kernels (server/engine/kernels/)", isa.upper())
     return True
+
+
+def build_kernels(name: str, sources: list[Path], isa: str) -> None:
+    """Compile and load `sources` as extension `name` for instruction set `isa` (a key of _BUILDS);
+    the ops they register appear under torch.ops. Also how bench/bench_kernels.py builds a second
+    copy of the kernels to compare."""
+    from torch.utils.cpp_extension import load
+
+    load(name=name, sources=[str(path) for path in sources], extra_cflags=["-O3", "-fopenmp", *_BUILDS[isa][1]],
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
 
 def int4_q8_layout(codes: torch.Tensor, scale_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
